@@ -1,0 +1,5 @@
+import sys
+
+from tftransfer.cli import main
+
+sys.exit(main())

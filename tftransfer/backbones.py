@@ -1,0 +1,245 @@
+"""Keras Applications backbones: a registry and a loader for frozen feature extractors.
+
+A backbone here is a `keras.Model` that takes float pixels in 0..255 at its image
+size, applies its own `preprocess_input` inside, and returns one pooled feature
+vector per image. Its Keras Applications network is nested inside it as one layer,
+so the top of that network can be unfrozen for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Optional, Union
+
+import keras
+
+from tftransfer.errors import WeightsUnavailableError
+
+PREPROCESSING_MODES = ("tf", "caffe", "torch", "unit", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one Keras Applications backbone.
+
+    Args:
+        name: Registry name, lowercase (`"mobilenet_v2"`).
+        constructor: Name of the `keras.applications` function (`"MobileNetV2"`).
+        preprocessing: How pixels in 0..255 are scaled before the network, one of
+            `PREPROCESSING_MODES`: `"tf"` (to -1..1), `"caffe"` (BGR, ImageNet mean
+            subtracted), `"torch"` (0..1, ImageNet mean and std), `"unit"` (0..1),
+            or `"none"` (the network preprocesses inside itself).
+        default_image_size: Image side the ImageNet weights were trained at.
+        min_image_size: Smallest side the architecture accepts.
+        has_alpha: Whether the constructor takes a width multiplier `alpha`.
+    """
+
+    name: str
+    constructor: str
+    preprocessing: str
+    default_image_size: int = 224
+    min_image_size: int = 32
+    has_alpha: bool = False
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Adds `spec` to the registry under `spec.name` and returns it."""
+    if spec.preprocessing not in PREPROCESSING_MODES:
+        raise ValueError(
+            f"`preprocessing` must be one of {PREPROCESSING_MODES}. "
+            f"Received: preprocessing={spec.preprocessing!r}"
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    BackboneSpec("vgg16", "VGG16", "caffe"),
+    BackboneSpec("vgg19", "VGG19", "caffe"),
+    BackboneSpec("resnet50", "ResNet50", "caffe"),
+    BackboneSpec("resnet101", "ResNet101", "caffe"),
+    BackboneSpec("resnet50_v2", "ResNet50V2", "tf"),
+    BackboneSpec("mobilenet", "MobileNet", "tf", has_alpha=True),
+    BackboneSpec("mobilenet_v2", "MobileNetV2", "tf", has_alpha=True),
+    BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", "none", has_alpha=True),
+    BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", "none", has_alpha=True),
+    BackboneSpec("efficientnet_b0", "EfficientNetB0", "none", 224),
+    BackboneSpec("efficientnet_b1", "EfficientNetB1", "none", 240),
+    BackboneSpec("efficientnet_b2", "EfficientNetB2", "none", 260),
+    BackboneSpec("efficientnet_b3", "EfficientNetB3", "none", 300),
+    BackboneSpec("efficientnet_v2_b0", "EfficientNetV2B0", "none", 224),
+    BackboneSpec("efficientnet_v2_s", "EfficientNetV2S", "none", 384),
+    BackboneSpec("densenet121", "DenseNet121", "torch"),
+    BackboneSpec("xception", "Xception", "tf", 299, min_image_size=71),
+    BackboneSpec("inception_v3", "InceptionV3", "tf", 299, min_image_size=75),
+    BackboneSpec("convnext_tiny", "ConvNeXtTiny", "none"),
+):
+    register_backbone(_spec)
+
+
+def backbone_names() -> list[str]:
+    """Returns the registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """Returns the `BackboneSpec` registered as `name`.
+
+    Raises:
+        ValueError: if `name` is not registered; the message lists the valid names.
+    """
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"Unknown backbone {name!r}. Expected one of: {', '.join(backbone_names())}."
+        )
+    return _REGISTRY[key]
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class ImagePreprocessing(keras.layers.Layer):
+    """Scales float pixels in 0..255 the way a backbone's weights expect.
+
+    Args:
+        mode: One of `PREPROCESSING_MODES`. Defaults to `"tf"`.
+    """
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise ValueError(
+                f"`mode` must be one of {PREPROCESSING_MODES}. Received: mode={mode!r}"
+            )
+        self.mode = mode
+
+    def call(self, inputs):
+        inputs = keras.ops.cast(inputs, self.compute_dtype)
+        if self.mode == "none":
+            return inputs
+        if self.mode == "unit":
+            return inputs / 255.0
+        # Keras' own implementation of the three ImageNet conventions.
+        return keras.applications.imagenet_utils.preprocess_input(
+            inputs, mode=self.mode
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def _keras_models_dir() -> str:
+    home = os.environ.get("KERAS_HOME") or os.path.join(
+        os.path.expanduser("~"), ".keras"
+    )
+    return os.path.join(home, "models")
+
+
+def load_backbone(
+    name: str,
+    weights: Optional[Union[str, os.PathLike]] = "imagenet",
+    image_size: Optional[int] = None,
+    alpha: Optional[float] = None,
+) -> keras.Model:
+    """Loads a Keras Applications network as a frozen feature extractor.
+
+    Args:
+        name: A registered backbone name; see `backbone_names()`.
+        weights: `"imagenet"`, `None` (random initialization), or the path of a
+            weights file for the network without its top (as written by
+            `save_weights`). Defaults to `"imagenet"`.
+        image_size: Side of the square input images. Defaults to the backbone's
+            `default_image_size`.
+        alpha: Width multiplier, for the MobileNet family only. Defaults to `None`
+            (the constructor's default, 1.0).
+
+    Returns:
+        A frozen `keras.Model` named `"backbone"` mapping float pixels in 0..255 of
+        shape `(batch, image_size, image_size, 3)` to pooled features of shape
+        `(batch, features)`. Call it with `training=False`.
+
+    Raises:
+        ValueError: for an unknown name, an out-of-range size or a misplaced `alpha`.
+        WeightsUnavailableError: when ImageNet weights can be neither found in
+            `$KERAS_HOME/models` nor downloaded.
+
+    Example:
+
+    >>> backbone = load_backbone("mobilenet_v2", weights=None, image_size=96, alpha=0.35)
+    >>> backbone.output_shape
+    (None, 1280)
+    """
+    spec = get_backbone_spec(name)
+    image_size = int(image_size or spec.default_image_size)
+    if image_size < spec.min_image_size:
+        raise ValueError(
+            f"`image_size` must be at least {spec.min_image_size} for {spec.name}. "
+            f"Received: image_size={image_size}"
+        )
+    kwargs = {}
+    if alpha is not None:
+        if not spec.has_alpha:
+            raise ValueError(
+                f"`alpha` applies to the MobileNet family only, not {spec.name}. "
+                f"Received: alpha={alpha}"
+            )
+        kwargs["alpha"] = float(alpha)
+    weights = _check_weights(weights)
+    constructor = getattr(keras.applications, spec.constructor)
+    try:
+        network = constructor(
+            include_top=False,
+            weights=weights,
+            input_shape=(image_size, image_size, 3),
+            pooling="avg",
+            **kwargs,
+        )
+    except Exception as error:  # Keras raises a bare Exception on download failure.
+        match = re.search(r"URL fetch failure on (\S+?):", str(error))
+        if weights != "imagenet" or not match:
+            raise
+        url = match.group(1)
+        file_name = url.rsplit("/", 1)[-1]
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {spec.name} could not be downloaded ({url}).\n"
+            f"Keras looks for the file {file_name!r} in {_keras_models_dir()} "
+            f"(set KERAS_HOME to use another folder). To fix it, either:\n"
+            f"  - put {file_name} there (copy it from a machine with network access),\n"
+            f"  - train from random weights: --weights none (weights=None),\n"
+            f"  - or give a weights file: --weights PATH (weights='PATH')."
+        ) from None
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    features = ImagePreprocessing(spec.preprocessing, name="preprocessing")(inputs)
+    features = network(features)
+    backbone = keras.Model(inputs, features, name="backbone")
+    backbone.trainable = False
+    return backbone
+
+
+def _check_weights(weights):
+    if weights is None or weights == "imagenet":
+        return weights
+    if isinstance(weights, str) and weights.lower() == "none":
+        return None
+    path = os.fspath(weights)
+    if not os.path.isfile(path):
+        raise ValueError(
+            "`weights` must be 'imagenet', None, or the path of an existing weights "
+            f"file. Received: weights={weights!r} (no such file)"
+        )
+    return path
+
+
+def backbone_network(backbone: keras.Model) -> keras.Model:
+    """Returns the Keras Applications network nested inside a `load_backbone` model."""
+    for layer in backbone.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(
+        "Expected a backbone made by `load_backbone`, with a nested network. "
+        f"Received: a model named {backbone.name!r} without one"
+    )

@@ -1,0 +1,21 @@
+"""Errors that tftransfer raises for problems the user can fix.
+
+The command line prints these as one clear message and exits non-zero, without a
+traceback; from Python they are ordinary exceptions.
+"""
+
+
+class TransferError(Exception):
+    """Base class: a problem with the user's input, data, files or environment."""
+
+
+class DataError(TransferError, ValueError):
+    """The image folder cannot be used as given (missing, empty, one class, ...)."""
+
+
+class WeightsUnavailableError(TransferError, RuntimeError):
+    """Pretrained weights were asked for but could not be found or downloaded."""
+
+
+class RunFolderError(TransferError, FileExistsError):
+    """A run folder already holds a finished run and `overwrite` was not given."""

@@ -1,0 +1,251 @@
+"""The fine-tuning schedule: train the head on a frozen backbone, then its top.
+
+The frozen phase trains the head on backbone features computed once per image
+instead of once per image per epoch: with the backbone frozen and no random
+augmentation the features never change, so the result is the same model the
+plain Keras recipe gives, at the cost of one forward pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.backbones import backbone_network
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Appends one row per finished epoch to a CSV file, flushed at once.
+
+    `keras.callbacks.CSVLogger` is not used because it has no column for the
+    training phase and fixes its columns from the first model it logs, while the
+    two phases here are two `fit` calls.
+
+    Args:
+        path: The CSV file; created with a header if missing, appended otherwise.
+        phase: Written in the `phase` column (`"head"` or `"fine_tune"`).
+    """
+
+    def __init__(self, path: str, phase: str):
+        super().__init__()
+        self.path = path
+        self.phase = phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        columns = None
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, newline="") as handle:
+                columns = next(csv.reader(handle), None)
+        write_header = columns is None
+        if write_header:
+            columns = ["epoch", "phase", *sorted(logs)]
+        row = {"epoch": epoch + 1, "phase": self.phase, **logs}
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            if write_header:
+                writer.writeheader()
+            writer.writerow(row)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _compile(model: keras.Model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def compute_features(
+    backbone: keras.Model, dataset: tf.data.Dataset, verbose="auto"
+) -> tuple:
+    """Runs a frozen backbone once over a `(pixels, label)` dataset.
+
+    Streaming: the pipeline decodes the next batches while one goes through the
+    network, and only the features are kept.
+
+    Returns:
+        `(features, labels)` as NumPy arrays.
+    """
+
+    @tf.function(reduce_retracing=True)
+    def forward(pixels):
+        return backbone(pixels, training=False)
+
+    steps = int(dataset.cardinality())
+    bar = keras.utils.Progbar(
+        steps if steps > 0 else None,
+        unit_name="batch",
+        verbose=1 if verbose == "auto" else verbose,
+    )
+    features, labels = [], []
+    for step, (pixels, label) in enumerate(dataset, 1):
+        features.append(forward(pixels).numpy())
+        labels.append(label.numpy())
+        bar.update(step)
+    if not features:
+        raise ValueError("Cannot compute features of an empty dataset.")
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def _feature_dataset(features, labels, batch_size, shuffle, seed):
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels))
+    if shuffle:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def train_head(
+    head: keras.Model,
+    train_features: tuple,
+    validation_features: tuple,
+    epochs: int,
+    learning_rate: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    callbacks: Optional[list] = None,
+    initial_epoch: int = 0,
+    verbose="auto",
+) -> keras.callbacks.History:
+    """Trains a head on precomputed `(features, labels)` pairs."""
+    _compile(head, learning_rate)
+    return head.fit(
+        _feature_dataset(*train_features, batch_size, shuffle=True, seed=seed),
+        validation_data=_feature_dataset(*validation_features, batch_size, False, seed),
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+
+
+def unfreeze_top(backbone: keras.Model, num_layers: int) -> int:
+    """Makes the top `num_layers` layers of the backbone's network trainable.
+
+    BatchNormalization layers stay frozen: with few images their statistics would
+    drift, and the backbone is called with `training=False` so they also keep
+    using their ImageNet moving averages.
+
+    Returns:
+        The number of layers that hold trainable weights after the change.
+    """
+    network = backbone_network(backbone)
+    layers = network.layers
+    if not 0 < num_layers <= len(layers):
+        raise ValueError(
+            f"`num_layers` must be between 1 and {len(layers)} for {network.name}. "
+            f"Received: num_layers={num_layers}"
+        )
+    backbone.trainable = True
+    cut = len(layers) - num_layers
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= cut and not isinstance(
+            layer, keras.layers.BatchNormalization
+        )
+    return sum(1 for layer in layers if layer.trainable and layer.trainable_weights)
+
+
+def default_fine_tune_layers(backbone: keras.Model) -> int:
+    """The top 30% of the network's layers: the usual choice for small data sets."""
+    return max(1, round(0.3 * len(backbone_network(backbone).layers)))
+
+
+def fine_tune(
+    model: keras.Model,
+    train: tf.data.Dataset,
+    validation: tf.data.Dataset,
+    epochs: int = 5,
+    fine_tune_epochs: int = 0,
+    learning_rate: float = 1e-3,
+    fine_tune_learning_rate: Optional[float] = None,
+    fine_tune_layers: Optional[int] = None,
+    cache_features: bool = True,
+    batch_size: int = 32,
+    seed: int = 0,
+    callbacks_for=None,
+    verbose="auto",
+) -> dict:
+    """Trains a `build_classifier` model: the head first, then the backbone's top.
+
+    Args:
+        model: A classifier from `build_classifier`, its backbone frozen.
+        train: Training `(pixels, label)` batches.
+        validation: Validation `(pixels, label)` batches.
+        epochs: Epochs with the backbone frozen. Defaults to `5`.
+        fine_tune_epochs: Epochs after unfreezing the top of the backbone.
+            Defaults to `0` (no unfreezing).
+        learning_rate: Adam learning rate of the head phase. Defaults to `1e-3`.
+        fine_tune_learning_rate: Learning rate of the fine-tuning phase. Defaults
+            to `learning_rate / 10`.
+        fine_tune_layers: How many of the network's top layers to unfreeze.
+            Defaults to `default_fine_tune_layers`.
+        cache_features: Train the head phase on features computed once. Must be
+            `False` when `train` is randomly augmented. Defaults to `True`.
+        batch_size: Batch size for training on features. Defaults to `32`.
+        seed: Shuffling seed for training on features. Defaults to `0`.
+        callbacks_for: Optional `callable(phase) -> list` of callbacks for the
+            `"head"` and `"fine_tune"` phases.
+        verbose: Passed to `fit`. Defaults to `"auto"`.
+
+    Returns:
+        The merged history: a dict of per-epoch metric lists over both phases.
+    """
+    backbone = model.get_layer("backbone")
+    head = model.get_layer("head")
+    callbacks_for = callbacks_for or (lambda phase: [])
+    history = {}
+
+    def record(result):
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+
+    if epochs > 0:
+        if cache_features:
+            train_features = compute_features(backbone, train, verbose)
+            validation_features = compute_features(backbone, validation, verbose)
+            record(
+                train_head(
+                    head,
+                    train_features,
+                    validation_features,
+                    epochs,
+                    learning_rate,
+                    batch_size,
+                    seed,
+                    callbacks_for("head"),
+                    verbose=verbose,
+                )
+            )
+        else:
+            _compile(model, learning_rate)
+            record(
+                model.fit(
+                    train,
+                    validation_data=validation,
+                    epochs=epochs,
+                    callbacks=callbacks_for("head"),
+                    verbose=verbose,
+                )
+            )
+    if fine_tune_epochs > 0:
+        unfreeze_top(backbone, fine_tune_layers or default_fine_tune_layers(backbone))
+        _compile(model, fine_tune_learning_rate or learning_rate / 10)
+        record(
+            model.fit(
+                train,
+                validation_data=validation,
+                epochs=epochs + fine_tune_epochs,
+                initial_epoch=epochs,
+                callbacks=callbacks_for("fine_tune"),
+                verbose=verbose,
+            )
+        )
+        backbone.trainable = False
+    return history
