@@ -133,9 +133,15 @@ class ImagePreprocessing(keras.layers.Layer):
 
 
 def _keras_models_dir() -> str:
-    home = os.environ.get("KERAS_HOME") or os.path.join(
-        os.path.expanduser("~"), ".keras"
-    )
+    # Keras fixes its home folder when it is imported and has no public accessor
+    # for it; use its private one when present so the message names the folder
+    # Keras really searched.
+    try:
+        from keras.src.backend.config import keras_home
+    except ImportError:
+        home = os.environ.get("KERAS_HOME") or os.path.expanduser("~/.keras")
+    else:
+        home = keras_home()
     return os.path.join(home, "models")
 
 

@@ -123,20 +123,15 @@ def _say(config, message):
         print(message, flush=True)
 
 
-def _prepare_run_folder(output: str, overwrite: bool) -> None:
-    if os.path.exists(os.path.join(output, "metrics.json")):
-        if not overwrite:
-            raise RunFolderError(
-                f"{output} holds a finished run already. Nothing was changed. "
-                "Pass --overwrite (overwrite=True) to replace it, or choose another "
-                "--output."
-            )
-    elif os.path.exists(output) and not os.path.isdir(output):
+def _check_run_folder(output: str, overwrite: bool) -> None:
+    if os.path.exists(os.path.join(output, "metrics.json")) and not overwrite:
+        raise RunFolderError(
+            f"{output} holds a finished run already. Nothing was changed. "
+            "Pass --overwrite (overwrite=True) to replace it, or choose another "
+            "--output."
+        )
+    if os.path.exists(output) and not os.path.isdir(output):
         raise RunFolderError(f"--output {output} exists and is not a folder.")
-    os.makedirs(output, exist_ok=True)
-    history = os.path.join(output, "history.csv")
-    if os.path.exists(history):
-        os.remove(history)
 
 
 def write_json_atomically(path: str, payload) -> None:
@@ -214,28 +209,25 @@ def train_run(config: TrainConfig) -> dict:
     """
     start = time.perf_counter()
     output = os.path.abspath(config.output)
-    _prepare_run_folder(output, config.overwrite)
+    # Everything that can fail on the user's input fails before anything is written.
+    _check_run_folder(output, config.overwrite)
     keras.utils.set_random_seed(config.seed)
     _say(config, f"Checking images in {config.data_dir} ...")
-    folder = scan_image_folder(
-        config.data_dir,
-        config.validation_split,
-        config.seed,
-        progress=config.verbose != 0,
-    )
+    folder = scan_image_folder(config.data_dir, config.validation_split, config.seed,
+                               progress=config.verbose != 0)
     report = data_report(folder)
-    write_json_atomically(os.path.join(output, "data_report.json"), report)
     _say(config, _summarize_data(report))
-
-    backbone = load_backbone(
-        config.backbone, config.weights, config.image_size, config.alpha
-    )
+    backbone = load_backbone(config.backbone, config.weights, config.image_size,
+                             config.alpha)
     weights_used = config.weights if config.weights is not None else "none (random)"
-    _say(
-        config,
-        f"Backbone {config.backbone} ({backbone.count_params():,} "
-        f"parameters), weights: {weights_used}, image size {config.image_size}",
-    )
+    _say(config, f"Backbone {config.backbone} ({backbone.count_params():,} "
+                 f"parameters), weights: {weights_used}, image size {config.image_size}")
+    os.makedirs(output, exist_ok=True)
+    history_path = os.path.join(output, "history.csv")
+    for stale in ("metrics.json", "history.csv"):  # The folder is unfinished now.
+        if os.path.exists(os.path.join(output, stale)):
+            os.remove(os.path.join(output, stale))
+    write_json_atomically(os.path.join(output, "data_report.json"), report)
     model = build_classifier(backbone, len(folder.class_names), config.dropout)
     augment = augmentation_layers(config.seed) if config.augment else None
     data = image_folder_datasets(
@@ -246,7 +238,6 @@ def train_run(config: TrainConfig) -> dict:
         augment=augment,
         folder=folder,
     )
-    history_path = os.path.join(output, "history.csv")
     history = fine_tune(
         model,
         data.train,

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny generated image folders, and the real data in ../shared.
+
+Keras fixes its home folder at import, so KERAS_HOME is pointed at a copy of the
+shared ImageNet weights here, before any test module imports Keras.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("TFTRANSFER_SHARED", os.path.join(REPO, "..", "shared"))
+REQUIRE_SHARED = os.environ.get("TFTRANSFER_REQUIRE_SHARED") == "1"
+
+if os.path.isdir(os.path.join(SHARED, "weights", "keras")):
+    _keras_home = tempfile.mkdtemp(prefix="tftransfer-keras-home-")
+    shutil.copytree(os.path.join(SHARED, "weights", "keras"), _keras_home,
+                    dirs_exist_ok=True)
+    for root, _, files in os.walk(_keras_home):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    os.environ["KERAS_HOME"] = _keras_home
+
+# A small, fast backbone for offline tests: random VGG16 features at 32 px still
+# separate the generated scenes, unlike random MobileNet features.
+FAST_BACKBONE = dict(backbone="vgg16", weights=None, image_size=32)
+
+
+def shared_path(*parts):
+    """Path below ../shared; skips the test when absent (fails in CI)."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        message = f"needs ../shared ({path} not found)"
+        if REQUIRE_SHARED:
+            pytest.fail(message + "; TFTRANSFER_REQUIRE_SHARED=1 makes this a failure")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory):
+    """Three classes of generated scenes, 16 JPEGs each, 48 px."""
+    from tftransfer.demo import write_demo_images
+
+    folder = tmp_path_factory.mktemp("scenes")
+    return str(write_demo_images(str(folder), images_per_class=16, image_size=48))
+
+
+@pytest.fixture(scope="session")
+def trained_run(scenes_dir, tmp_path_factory):
+    """A finished `train` run on the generated scenes, through the CLI."""
+    from tftransfer.cli import main
+
+    run_dir = str(tmp_path_factory.mktemp("runs") / "scenes")
+    status = main(["train", scenes_dir, "--output", run_dir, "--backbone", "vgg16",
+                   "--weights", "none", "--image-size", "32", "--epochs", "15",
+                   "--learning-rate", "0.01", "--json"])
+    assert status == 0
+    return run_dir
+
+
+def run_cli(*args, env=None, cwd=None):
+    """Runs `python -m tftransfer ARGS` in a new process; returns the result."""
+    return subprocess.run([sys.executable, "-m", "tftransfer", *args],
+                          capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)

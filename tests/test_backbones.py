@@ -1,0 +1,72 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from tftransfer import backbone_names, get_backbone_spec, load_backbone
+
+REQUIRED = {
+    "vgg16", "vgg19", "resnet50", "resnet50_v2", "resnet101", "mobilenet",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+    "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_b0",
+    "efficientnet_v2_s", "densenet121", "xception", "inception_v3", "convnext_tiny",
+}
+
+
+def test_registry_holds_the_required_backbones():
+    assert REQUIRED <= set(backbone_names())
+
+
+@pytest.mark.parametrize("name", backbone_names())
+def test_every_backbone_builds_frozen_and_yields_features(name):
+    spec = get_backbone_spec(name)
+    size = max(32, spec.min_image_size)
+    backbone = load_backbone(name, weights=None, image_size=size)
+    assert backbone.input_shape == (None, size, size, 3)
+    assert not backbone.trainable_weights
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3))
+    features = backbone(pixels.astype("float32"), training=False).numpy()
+    assert features.shape == (2, backbone.output_shape[-1])
+    assert np.isfinite(features).all()
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="Expected one of: .*mobilenet_v2"):
+        load_backbone("mobilenet_v9", weights=None)
+
+
+def test_alpha_only_for_mobilenets_and_size_checked():
+    with pytest.raises(ValueError, match="alpha"):
+        load_backbone("resnet50", weights=None, alpha=0.5)
+    with pytest.raises(ValueError, match="image_size"):
+        load_backbone("xception", weights=None, image_size=32)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        load_backbone("vgg16", weights=str(tmp_path / "missing.h5"), image_size=32)
+
+
+def test_weights_from_a_file_the_test_writes(tmp_path):
+    source = keras.applications.VGG16(include_top=False, weights=None,
+                                      input_shape=(32, 32, 3), pooling="avg")
+    path = str(tmp_path / "vgg16.weights.h5")
+    source.save_weights(path)
+    backbone = load_backbone("vgg16", weights=path, image_size=32)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = source(keras.applications.vgg16.preprocess_input(pixels.copy()))
+    np.testing.assert_allclose(backbone(pixels), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_offline_imagenet_weights_fail_clearly_from_the_cli(tmp_path, scenes_dir):
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "empty_keras_home")}
+    result = run_cli("train", scenes_dir, "--output", str(tmp_path / "run"),
+                     "--backbone", "resnet50", "--image-size", "32", env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in result.stderr
+    assert str(tmp_path / "empty_keras_home" / "models") in result.stderr
+    assert "--weights none" in result.stderr and "--weights PATH" in result.stderr
+    assert not os.path.exists(tmp_path / "run")

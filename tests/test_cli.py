@@ -1,0 +1,81 @@
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tftransfer  # noqa: F401  (registers the custom layers for load_model)
+from tftransfer.cli import main
+from tftransfer.data import decode_image
+
+
+def _last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_train_writes_a_complete_run_folder(trained_run):
+    for name in ("saved_model", "model.keras", "labels.txt", "metrics.json",
+                 "history.csv", "data_report.json"):
+        assert os.path.exists(os.path.join(trained_run, name)), name
+    metrics = json.load(open(os.path.join(trained_run, "metrics.json")))
+    assert metrics["num_classes"] == 3
+    assert metrics["class_names"] == ["desert", "forest", "ocean"]
+    assert metrics["val_accuracy"] >= 0.9
+    rows = list(csv.DictReader(open(os.path.join(trained_run, "history.csv"))))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 16))
+    assert float(rows[-1]["val_accuracy"]) == metrics["val_accuracy"]
+    labels = open(os.path.join(trained_run, "labels.txt")).read().split()
+    assert labels == metrics["class_names"]
+
+
+def test_model_keras_loads_and_matches_the_saved_model(trained_run, scenes_dir):
+    model = keras.saving.load_model(os.path.join(trained_run, "model.keras"))
+    path = os.path.join(scenes_dir, "ocean", "ocean_001.jpg")
+    contents = open(path, "rb").read()
+    pixels = decode_image(tf.constant(contents), 32)[None]
+    expected = tf.nn.softmax(model(pixels)).numpy()
+    served = tf.saved_model.load(os.path.join(trained_run, "saved_model"))
+    out = served.signatures["serving_default"](image_bytes=tf.constant([contents]))
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-4)
+
+
+def test_evaluate_agrees_with_training(trained_run, scenes_dir, capsys):
+    assert main(["evaluate", trained_run, scenes_dir, "--json"]) == 0
+    result = _last_json(capsys)
+    assert result["num_images"] == 48 and result["split"] == "all"
+    assert result["accuracy"] >= 0.9
+    assert set(result["per_class"]) == {"desert", "forest", "ocean"}
+    assert np.array(result["confusion_matrix"]).sum() == 48
+
+
+def test_predict_reports_top_k_and_bad_files(trained_run, scenes_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    good = os.path.join(scenes_dir, "desert", "desert_002.jpg")
+    assert main(["predict", trained_run, good, str(bad), "--top-k", "2",
+                 "--json"]) == 0
+    results = _last_json(capsys)
+    assert results[0]["predictions"][0]["class_name"] == "desert"
+    assert len(results[0]["predictions"]) == 2
+    assert results[1]["error"] == "not an image"
+
+
+def test_finished_run_is_not_overwritten(trained_run, scenes_dir, capsys):
+    before = {n: os.path.getmtime(os.path.join(trained_run, n))
+              for n in os.listdir(trained_run)}
+    assert main(["train", scenes_dir, "--output", trained_run, "--backbone",
+                 "vgg16", "--weights", "none", "--image-size", "32"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    after = {n: os.path.getmtime(os.path.join(trained_run, n))
+             for n in os.listdir(trained_run)}
+    assert after == before
+
+
+def test_bad_arguments_exit_cleanly(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing"), "--output",
+                 str(tmp_path / "run")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--backbone", "nope"]) == 2
+    assert "Expected one of" in capsys.readouterr().err

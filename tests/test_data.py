@@ -1,0 +1,114 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tftransfer import DataError, image_folder_datasets, scan_image_folder
+
+
+def _write_jpeg(path, color=(200, 30, 30), size=24):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.full((size, size, 3), color, "uint8")
+    pixels[: size // 2] = np.random.default_rng(len(path)).integers(0, 255, 3)
+    tf.io.write_file(path, tf.io.encode_jpeg(pixels))
+
+
+def _class_folder(root, classes=("a", "b"), count=10):
+    for index, name in enumerate(classes):
+        for i in range(count):
+            color = (40 * index + i, 100, 200 - 10 * index)
+            _write_jpeg(os.path.join(root, name, f"{name}{i}.jpg"), color)
+    return str(root)
+
+
+def test_class_folders_are_split_stably_by_content(tmp_path):
+    root = _class_folder(tmp_path / "data", count=20)
+    first = scan_image_folder(root, validation_split=0.3, seed=3)
+    assert first.layout == "classes" and first.class_names == ["a", "b"]
+    splits = {f.path: f.split for f in first.files}
+    assert set(splits.values()) == {"train", "validation"}
+    # Adding images never moves the existing ones between splits.
+    _write_jpeg(os.path.join(root, "a", "new.jpg"), (1, 2, 3))
+    _write_jpeg(os.path.join(root, "b", "new.jpg"), (3, 2, 1))
+    second = scan_image_folder(root, validation_split=0.3, seed=3)
+    for f in second.files:
+        if f.path in splits:
+            assert f.split == splits[f.path]
+    other_seed = scan_image_folder(root, validation_split=0.3, seed=4)
+    assert {f.path: f.split for f in other_seed.files} != {
+        f.path: f.split for f in second.files}
+
+
+def test_split_folders_are_used_as_given(tmp_path):
+    root = tmp_path / "data"
+    _class_folder(root / "train")
+    _class_folder(root / "val", count=3)
+    _class_folder(root / "test", count=2)
+    folder = scan_image_folder(str(root))
+    assert folder.layout == "splits"
+    assert folder.counts() == {"train": {"a": 10, "b": 10},
+                               "validation": {"a": 3, "b": 3},
+                               "test": {"a": 2, "b": 2}}
+
+
+def test_clear_errors_for_unusable_folders(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        scan_image_folder(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="No class folders"):
+        scan_image_folder(str(tmp_path / "empty"))
+    one = _class_folder(tmp_path / "one", classes=("only",))
+    with pytest.raises(DataError, match="one class"):
+        scan_image_folder(one)
+    root = _class_folder(tmp_path / "data")
+    os.makedirs(os.path.join(root, "ghosts"))
+    with open(os.path.join(root, "ghosts", "notes.txt"), "w") as handle:
+        handle.write("no image here")
+    with pytest.raises(DataError, match="'ghosts'"):
+        scan_image_folder(root)
+    mismatch = tmp_path / "mismatch"
+    _class_folder(mismatch / "train")
+    _class_folder(mismatch / "val", classes=("a", "c"))
+    with pytest.raises(DataError, match="same class folders"):
+        scan_image_folder(str(mismatch))
+
+
+def test_broken_files_are_skipped_with_reasons(tmp_path):
+    root = _class_folder(tmp_path / "data")
+    good = os.path.join(root, "a", "a0.jpg")
+    contents = open(good, "rb").read()
+    broken = {
+        "empty.jpg": b"",
+        "notes.jpg": b"this is text, not an image",
+        "truncated.jpg": contents[: len(contents) // 3],
+        "scan.tif": b"II*\x00" + b"\x00" * 64,
+    }
+    for name, data in broken.items():
+        with open(os.path.join(root, "a", name), "wb") as handle:
+            handle.write(data)
+    os.symlink(os.path.join(root, "nowhere.jpg"), os.path.join(root, "b", "link.jpg"))
+    shutil.copy(good, os.path.join(root, "b", "JPEG NAMED.PNG"))
+    open(os.path.join(root, "a", ".DS_Store"), "w").close()
+    folder = scan_image_folder(root)
+    by_name = {os.path.basename(f.path): f for f in folder.files}
+    assert ".DS_Store" not in by_name
+    assert by_name["empty.jpg"].reason == "empty file"
+    assert by_name["notes.jpg"].reason == "not an image"
+    assert by_name["truncated.jpg"].reason.startswith("truncated or corrupt jpeg")
+    assert by_name["scan.tif"].reason == "unsupported format (tiff)"
+    assert by_name["link.jpg"].reason == "dangling link"
+    assert by_name["JPEG NAMED.PNG"].status == "used"
+    assert all(by_name[n].status == "skipped" for n in [*broken, "link.jpg"])
+
+
+def test_pipelines_yield_resized_float_pixels_and_labels(tmp_path):
+    root = _class_folder(tmp_path / "data")
+    data = image_folder_datasets(root, image_size=16, batch_size=4)
+    pixels, labels = next(iter(data.validation))
+    assert pixels.shape[1:] == (16, 16, 3) and pixels.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(pixels)) and float(tf.reduce_max(pixels)) <= 255.0
+    total = sum(int(y.shape[0]) for _, y in data.train) + sum(
+        int(y.shape[0]) for _, y in data.validation)
+    assert total == 20 and data.test is None

@@ -1,0 +1,51 @@
+import numpy as np
+
+from tftransfer import (
+    build_classifier,
+    fine_tune,
+    image_folder_datasets,
+    load_backbone,
+    unfreeze_top,
+)
+
+
+def _weights(layers):
+    return [w.numpy().copy() for layer in layers for w in layer.weights]
+
+
+def _changed(before, after):
+    return [not np.array_equal(a, b) for a, b in zip(before, after)]
+
+
+def test_head_phase_trains_only_the_head_then_fine_tuning_the_top(scenes_dir):
+    backbone = load_backbone("vgg16", weights=None, image_size=32)
+    model = build_classifier(backbone, num_classes=3)
+    network = backbone.layers[-1]
+    data = image_folder_datasets(scenes_dir, image_size=32, batch_size=8)
+    backbone_before = _weights(network.layers)
+    head_before = _weights(model.get_layer("head").layers)
+    history = fine_tune(model, data.train, data.validation, epochs=15,
+                        learning_rate=0.01, verbose=0)
+    assert all(not c for c in _changed(backbone_before, _weights(network.layers)))
+    assert all(_changed(head_before, _weights(model.get_layer("head").layers)))
+    assert history["val_accuracy"][-1] >= 0.9
+    assert len(history["loss"]) == 15
+
+    bottom_before = _weights(network.layers[:10])
+    top_before = _weights(network.layers[-4:])
+    history = fine_tune(model, data.train, data.validation, epochs=0,
+                        fine_tune_epochs=1, fine_tune_layers=4, verbose=0)
+    assert all(not c for c in _changed(bottom_before, _weights(network.layers[:10])))
+    assert any(_changed(top_before, _weights(network.layers[-4:])))
+    assert not backbone.trainable_weights  # frozen again afterwards
+
+
+def test_unfreeze_top_keeps_batchnorm_frozen():
+    backbone = load_backbone("mobilenet_v2", weights=None, image_size=32, alpha=0.35)
+    unfreeze_top(backbone, 20)
+    network = backbone.layers[-1]
+    top = network.layers[-20:]
+    assert any(layer.trainable_weights for layer in top)
+    assert all(not layer.trainable for layer in top
+               if layer.__class__.__name__ == "BatchNormalization")
+    assert all(not layer.trainable_weights for layer in network.layers[:-20])
