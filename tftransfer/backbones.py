@@ -205,14 +205,14 @@ def load_backbone(
             **kwargs,
         )
     except Exception as error:  # Keras raises a bare Exception on download failure.
-        match = re.search(r"URL fetch failure on (\S+?):", str(error))
+        match = re.search(r"URL fetch failure on (\S+):", str(error))
         if weights != "imagenet" or not match:
             raise
         url = match.group(1)
         file_name = url.rsplit("/", 1)[-1]
         raise WeightsUnavailableError(
             f"ImageNet weights for {spec.name} could not be downloaded ({url}).\n"
-            f"Keras looks for the file {file_name!r} in {_keras_models_dir()} "
+            f"Keras looks for the file {file_name} in {_keras_models_dir()} "
             f"(set KERAS_HOME to use another folder). To fix it, either:\n"
             f"  - put {file_name} there (copy it from a machine with network access),\n"
             f"  - train from random weights: --weights none (weights=None),\n"

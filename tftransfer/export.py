@@ -121,22 +121,8 @@ def export_tflite(model: keras.Model, path: str, overwrite: bool = False) -> str
     """
     path = os.path.abspath(os.fspath(path))
     _check_destination(path, overwrite)
-    input_shape = [1, *model.input_shape[1:]]
-
-    @tf.function(input_signature=[tf.TensorSpec(input_shape, tf.float32)])
-    def logits(pixels):
-        return model(pixels, training=False)
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [logits.get_concrete_function()], model
-    )
-    flatbuffer = converter.convert()
-
-    def write(tmp_path):
-        with open(tmp_path, "wb") as handle:
-            handle.write(flatbuffer)
-
-    _write_atomically(path, write)
+    _write_atomically(path, lambda tmp: model.export(tmp, format="litert",
+                                                     verbose=False))
     return path
 
 
@@ -153,7 +139,8 @@ def _write_atomically(path: str, write) -> None:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    target = os.path.join(tmp, "out")
+    # Same base name, so writers that check the extension (LiteRT) accept it.
+    target = os.path.join(tmp, os.path.basename(path))
     old = None
     try:
         write(target)
