@@ -112,3 +112,25 @@ def test_pipelines_yield_resized_float_pixels_and_labels(tmp_path):
     total = sum(int(y.shape[0]) for _, y in data.train) + sum(
         int(y.shape[0]) for _, y in data.validation)
     assert total == 20 and data.test is None
+
+
+def test_random_bytes_never_crash_the_scan(tmp_path):
+    root = _class_folder(tmp_path / "data", count=10)
+    rng = np.random.default_rng(0)
+    good = open(os.path.join(root, "a", "a0.jpg"), "rb").read()
+    prefixes = [b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM",
+                b"RIFF\x00\x00\x00\x00WEBP", good[:200]]
+    extensions = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".JPG"]
+    for i in range(300):
+        body = prefixes[i % len(prefixes)] + rng.bytes(int(rng.integers(0, 400)))
+        name = f"fuzz{i}{extensions[i % len(extensions)]}"
+        with open(os.path.join(root, "ab"[i % 2], name), "wb") as handle:
+            handle.write(body)
+    folder = scan_image_folder(root, validation_split=0.5)
+    fuzz = [f for f in folder.files if os.path.basename(f.path).startswith("fuzz")]
+    assert len(fuzz) == 300
+    for f in fuzz:
+        assert f.status in ("used", "skipped")
+        assert (f.status == "skipped") == bool(f.reason)
+    assert sum(f.status == "skipped" for f in fuzz) >= 290
+    assert len(folder.used("train")) + len(folder.used("validation")) >= 20
