@@ -4,6 +4,7 @@ Keras fixes its home folder at import, so KERAS_HOME is pointed at a copy of the
 shared ImageNet weights here, before any test module imports Keras.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -25,11 +26,6 @@ if os.path.isdir(os.path.join(SHARED, "weights", "keras")):
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
     os.environ["KERAS_HOME"] = _keras_home
-
-# A small, fast backbone for offline tests: random VGG16 features at 32 px still
-# separate the generated scenes, unlike random MobileNet features.
-FAST_BACKBONE = dict(backbone="vgg16", weights=None, image_size=32)
-
 
 def shared_path(*parts):
     """Path below ../shared; skips the test when absent (fails in CI)."""
@@ -53,7 +49,11 @@ def scenes_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(scenes_dir, tmp_path_factory):
-    """A finished `train` run on the generated scenes, through the CLI."""
+    """A finished `train` run on the generated scenes, through the CLI.
+
+    Random VGG16 features at 32 px are fast and still separate the scenes, unlike
+    random MobileNet features.
+    """
     from tftransfer.cli import main
 
     run_dir = str(tmp_path_factory.mktemp("runs") / "scenes")
@@ -62,6 +62,11 @@ def trained_run(scenes_dir, tmp_path_factory):
                    "--learning-rate", "0.01", "--json"])
     assert status == 0
     return run_dir
+
+
+def last_json(stdout):
+    """The JSON object on the last line of a command's stdout (`--json`)."""
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_cli(*args, env=None, cwd=None):

@@ -5,14 +5,11 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from conftest import last_json
 
 import tftransfer  # noqa: F401  (registers the custom layers for load_model)
 from tftransfer.cli import main
 from tftransfer.data import decode_image
-
-
-def _last_json(capsys):
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_train_writes_a_complete_run_folder(trained_run):
@@ -43,7 +40,7 @@ def test_model_keras_loads_and_matches_the_saved_model(trained_run, scenes_dir):
 
 def test_evaluate_agrees_with_training(trained_run, scenes_dir, capsys):
     assert main(["evaluate", trained_run, scenes_dir, "--json"]) == 0
-    result = _last_json(capsys)
+    result = last_json(capsys.readouterr().out)
     assert result["num_images"] == 48 and result["split"] == "all"
     assert result["accuracy"] >= 0.9
     assert set(result["per_class"]) == {"desert", "forest", "ocean"}
@@ -56,7 +53,7 @@ def test_predict_reports_top_k_and_bad_files(trained_run, scenes_dir, tmp_path, 
     good = os.path.join(scenes_dir, "desert", "desert_002.jpg")
     assert main(["predict", trained_run, good, str(bad), "--top-k", "2",
                  "--json"]) == 0
-    results = _last_json(capsys)
+    results = last_json(capsys.readouterr().out)
     assert results[0]["predictions"][0]["class_name"] == "desert"
     assert len(results[0]["predictions"]) == 2
     assert results[1]["error"] == "not an image"

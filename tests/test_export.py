@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -6,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import last_json
 
 from tftransfer import (
     build_classifier,
@@ -64,7 +64,7 @@ def test_saved_model_serves_with_tensorflow_alone(classifier, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True,
                             text=True, cwd=str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr
-    served = np.array(json.loads(result.stdout.strip().splitlines()[-1]))
+    served = np.array(last_json(result.stdout))
     pixels = decode_image(tf.constant(image.read_bytes()), 32)[None]
     expected = tf.nn.softmax(classifier(pixels, training=False)).numpy()
     np.testing.assert_allclose(served, expected, atol=1e-4)

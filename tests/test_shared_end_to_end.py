@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import shared_path
+from conftest import last_json, shared_path
 
 from tftransfer.cli import main
 
@@ -19,20 +19,20 @@ def test_hymenoptera_mobilenet_v2_imagenet(tmp_path, capsys):
     assert main(["train", data, "--output", run, "--backbone", "mobilenet_v2",
                  "--alpha", "0.35", "--image-size", "224", "--epochs", "5",
                  "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = last_json(capsys.readouterr().out)
     assert summary["weights"] == "imagenet"
     assert summary["val_accuracy"] >= 0.85
     report = json.load(open(os.path.join(run, "data_report.json")))
     assert report["counts"]["validation"] == {"ants": 70, "bees": 83}
 
     assert main(["evaluate", run, data, "--json"]) == 0
-    evaluation = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluation = last_json(capsys.readouterr().out)
     assert evaluation["split"] == "validation" and evaluation["num_images"] == 153
     assert abs(evaluation["accuracy"] - summary["val_accuracy"]) < 1e-6
 
     bee = os.path.join(data, "val", "bees")
     files = sorted(os.path.join(bee, n) for n in os.listdir(bee))[:10]
     assert main(["predict", run, *files, "--json"]) == 0
-    predictions = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    predictions = last_json(capsys.readouterr().out)
     assert len(predictions) == 10
     assert sum(p["predictions"][0]["class_name"] == "bees" for p in predictions) >= 7

@@ -101,11 +101,16 @@ def export_saved_model(
     def write(tmp_dir):
         archive.write_out(tmp_dir, verbose=False)
         os.makedirs(os.path.join(tmp_dir, "assets"), exist_ok=True)
-        with open(os.path.join(tmp_dir, "assets", "labels.txt"), "w") as handle:
-            handle.write("".join(f"{name}\n" for name in class_names))
+        write_labels(os.path.join(tmp_dir, "assets", "labels.txt"), class_names)
 
     _write_atomically(export_dir, write)
     return export_dir
+
+
+def write_labels(path: str, class_names: Sequence[str]) -> None:
+    """Writes class names one per line, in label order (`labels.txt`)."""
+    with open(path, "w") as handle:
+        handle.write("".join(f"{name}\n" for name in class_names))
 
 
 def export_tflite(model: keras.Model, path: str, overwrite: bool = False) -> str:

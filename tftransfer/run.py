@@ -25,18 +25,9 @@ import keras
 from tftransfer.backbones import get_backbone_spec, load_backbone
 from tftransfer.data import ImageFolder, image_folder_datasets, scan_image_folder
 from tftransfer.errors import RunFolderError
-from tftransfer.export import export_saved_model
+from tftransfer.export import export_saved_model, write_labels
 from tftransfer.heads import build_classifier
 from tftransfer.train import HistoryCSV, fine_tune
-
-RUN_FILES = (
-    "saved_model",
-    "model.keras",
-    "labels.txt",
-    "history.csv",
-    "data_report.json",
-    "metrics.json",
-)
 
 
 @dataclasses.dataclass
@@ -265,8 +256,7 @@ def train_run(config: TrainConfig) -> dict:
         metrics.update(test_accuracy=float(test_accuracy), test_loss=float(test_loss))
 
     _save_keras_model(model, os.path.join(output, "model.keras"))
-    with open(os.path.join(output, "labels.txt"), "w") as handle:
-        handle.write("".join(f"{name}\n" for name in folder.class_names))
+    write_labels(os.path.join(output, "labels.txt"), folder.class_names)
     saved_model = export_saved_model(
         model, os.path.join(output, "saved_model"), folder.class_names, overwrite=True
     )
