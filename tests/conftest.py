@@ -27,6 +27,10 @@ if os.path.isdir(os.path.join(SHARED, "weights", "keras")):
             os.chmod(os.path.join(root, name), 0o644)
     os.environ["KERAS_HOME"] = _keras_home
 
+# Tests never write to the user's feature cache.
+os.environ["TFTRANSFER_CACHE_DIR"] = tempfile.mkdtemp(prefix="tftransfer-cache-")
+
+
 def shared_path(*parts):
     """Path below ../shared; skips the test when absent (fails in CI)."""
     path = os.path.join(SHARED, *parts)

@@ -249,3 +249,47 @@ def backbone_network(backbone: keras.Model) -> keras.Model:
         "Expected a backbone made by `load_backbone`, with a nested network. "
         f"Received: a model named {backbone.name!r} without one"
     )
+
+
+def split_backbone(backbone: keras.Model, num_layers: int) -> Optional[tuple]:
+    """Cuts a backbone into a bottom and a top holding its top `num_layers` layers.
+
+    Fine-tuning only the top of a backbone leaves the bottom's output for each
+    image unchanged, so it can be computed once. The cut must cross the graph at
+    a single tensor: when a residual branch jumps over the first unfrozen layer,
+    the cut moves down until it does not, keeping every unfrozen layer in the top.
+
+    Args:
+        backbone: A model from `load_backbone`.
+        num_layers: Layers of its network that must be in the top.
+
+    Returns:
+        `(bottom, top)` models sharing the backbone's layers: `bottom` takes the
+        backbone's pixels and `top(bottom(x))` equals `backbone(x)`; or `None`
+        when no single-tensor cut exists.
+    """
+    network = backbone_network(backbone)
+    layers = network.layers
+    producer = {}
+    for index, layer in enumerate(layers):
+        for tensor in keras.tree.flatten(layer.output):
+            producer[id(tensor)] = index
+    for cut in range(len(layers) - num_layers, 0, -1):
+        boundary = {}
+        for layer in layers[cut:]:
+            for tensor in keras.tree.flatten(layer.input):
+                if producer.get(id(tensor), -1) < cut:
+                    boundary[id(tensor)] = tensor
+        if len(boundary) == 1:
+            (tensor,) = boundary.values()
+            if tensor is network.inputs[0]:
+                return None
+            bottom_network = keras.Model(network.inputs[0], tensor)
+            top = keras.Model(tensor, network.outputs[0], name="backbone_top")
+            inputs = keras.Input(backbone.inputs[0].shape[1:], name="pixels")
+            x = inputs
+            for layer in backbone.layers[1:]:
+                x = bottom_network(x) if layer is network else layer(x)
+            bottom = keras.Model(inputs, x, name="backbone_bottom")
+            return bottom, top
+    return None

@@ -108,7 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument(
-        "--overwrite", action="store_true", help="replace a finished run in RUN_DIR"
+        "--class-weight",
+        choices=["auto", "none"],
+        default="none",
+        help="auto: weigh each class's loss by the inverse of its share of the "
+        "training images (default: none)",
+    )
+    train.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="feature cache folder (default: $TFTRANSFER_CACHE_DIR, else "
+        "~/.cache/tftransfer)",
+    )
+    train.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compute backbone features in memory, without the on-disk cache",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run in RUN_DIR, or start an unfinished one over "
+        "instead of resuming it",
     )
     _add_json(train)
 
@@ -165,6 +186,9 @@ def _train(args):
         augment=args.augment,
         validation_split=args.validation_split,
         seed=args.seed,
+        class_weight=None if args.class_weight == "none" else args.class_weight,
+        cache_dir=args.cache_dir,
+        cache=not args.no_cache,
         overwrite=args.overwrite,
     )
     summary = train_run(config)
@@ -173,6 +197,8 @@ def _train(args):
     ]
     if "test_accuracy" in summary:
         lines.append(f"test_accuracy {summary['test_accuracy']:.4f}")
+    if summary["resumed_from_epoch"] is not None:
+        lines.append(f"resumed from epoch {summary['resumed_from_epoch']}")
     lines.append(f"run folder: {summary['run_dir']}")
     lines.append(f"SavedModel for serving: {summary['saved_model']}")
     return summary, lines

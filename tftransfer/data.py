@@ -30,6 +30,7 @@ SPLIT_NAMES = {
 }
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", ".git"}
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit.
+RESIZE_METHOD = "bilinear"  # Part of the feature cache key: changing it changes features.
 
 # Leading bytes of the formats tf.io.decode_image reads, and of common ones it
 # does not, so that a skip can say which it was.
@@ -101,7 +102,7 @@ def decode_image(contents: tf.Tensor, image_size: int) -> tf.Tensor:
     """
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    image = tf.image.resize(image, [image_size, image_size], method=RESIZE_METHOD)
     return tf.cast(image, tf.float32)
 
 

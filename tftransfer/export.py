@@ -139,6 +139,28 @@ def _check_destination(path: str, overwrite: bool) -> None:
         )
 
 
+def recover_interrupted(path: str) -> None:
+    """Cleans up after an export to `path` that was killed part-way.
+
+    Removes its temporary folders, and puts the previous export back if the kill
+    came in the instant between moving it aside and renaming the new one in.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        full = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.partial-"):
+            shutil.rmtree(full, ignore_errors=True)
+        elif entry.startswith(f"{name}.old-"):
+            if not os.path.exists(path):
+                os.replace(full, path)
+            elif os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.remove(full)
+
+
 def _write_atomically(path: str, write) -> None:
     """Runs `write(tmp)` on a temporary path beside `path`, then renames it there."""
     parent = os.path.dirname(path)

@@ -7,13 +7,20 @@ Run folder layout (`RUN_DIR`):
     labels.txt        class names, one per line, in label order
     history.csv       one row per finished epoch, both phases
     data_report.json  every file considered: used or skipped, and why
+    checkpoint.npz    weights and optimizer state after the last finished epoch,
+                      while the run is unfinished (see `RunCheckpoint`)
     metrics.json      final metrics and settings; written last, so its presence
                       marks a finished run
+
+A run killed at any point resumes from its last finished epoch when started again
+with the same settings.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -21,13 +28,36 @@ import time
 from typing import Optional
 
 import keras
+import numpy as np
 
-from tftransfer.backbones import get_backbone_spec, load_backbone
+from tftransfer.backbones import get_backbone_spec, load_backbone, split_backbone
+from tftransfer.cache import (
+    cached_outputs,
+    default_cache_dir,
+    feature_cache_key,
+    open_cache,
+)
+from tftransfer.checkpoint import (
+    RunCheckpoint,
+    restore_optimizer,
+    restore_weights,
+    truncate_history,
+)
 from tftransfer.data import ImageFolder, image_folder_datasets, scan_image_folder
 from tftransfer.errors import RunFolderError
-from tftransfer.export import export_saved_model, write_labels
+from tftransfer.export import export_saved_model, recover_interrupted, write_labels
 from tftransfer.heads import build_classifier
-from tftransfer.train import HistoryCSV, fine_tune
+from tftransfer.report import class_imbalance, data_report, summarize_data
+from tftransfer.train import (
+    HistoryCSV,
+    balanced_class_weights,
+    compile_classifier,
+    default_fine_tune_layers,
+    train_head,
+    unfreeze_top,
+)
+
+IMBALANCE_WARNING = 5.0  # Largest to smallest class ratio that earns a warning.
 
 
 @dataclasses.dataclass
@@ -53,7 +83,14 @@ class TrainConfig:
             Defaults to `0.2`.
         seed: Split, shuffling and initialization seed. Defaults to `0`.
         dropout: Head dropout rate. Defaults to `0.2`.
-        overwrite: Replace a finished run in `output`. Defaults to `False`.
+        class_weight: `"auto"` weighs each class's loss by the inverse of its
+            share of the training images; `None` leaves them equal.
+            Defaults to `None`.
+        cache_dir: Feature cache folder. Defaults to `default_cache_dir()`.
+        cache: Keep backbone features on disk between runs. With `False` they
+            are computed once per run, in memory. Defaults to `True`.
+        overwrite: Replace a finished run in `output`, or start an unfinished
+            one over instead of resuming it. Defaults to `False`.
         verbose: Progress output (`"auto"`, 0, 1, 2). Defaults to `"auto"`.
     """
 
@@ -72,6 +109,9 @@ class TrainConfig:
     validation_split: float = 0.2
     seed: int = 0
     dropout: float = 0.2
+    class_weight: Optional[str] = None
+    cache_dir: Optional[str] = None
+    cache: bool = True
     overwrite: bool = False
     verbose: object = "auto"
 
@@ -88,6 +128,11 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise ValueError(
                 f"`learning_rate` must be > 0. Received: {self.learning_rate}"
+            )
+        if self.class_weight not in (None, "auto"):
+            raise ValueError(
+                "`class_weight` must be 'auto' or None. "
+                f"Received: class_weight={self.class_weight!r}"
             )
         spec = get_backbone_spec(self.backbone)
         self.backbone = spec.name
@@ -125,6 +170,11 @@ def _check_run_folder(output: str, overwrite: bool) -> None:
         raise RunFolderError(f"--output {output} exists and is not a folder.")
 
 
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def write_json_atomically(path: str, payload) -> None:
     """Writes JSON to a temporary file beside `path`, then renames it into place."""
     handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
@@ -134,69 +184,231 @@ def write_json_atomically(path: str, payload) -> None:
     os.replace(tmp, path)
 
 
-def data_report(folder: ImageFolder) -> dict:
-    """What was found in the data folder, as written to `data_report.json`."""
-    skipped = {}
-    for f in folder.skipped():
-        kind = f.reason.split(":")[0].split(" (")[0]
-        skipped[kind] = skipped.get(kind, 0) + 1
-    by_digest = {}
-    for f in folder.files:
+def _run_settings(config: TrainConfig, folder: ImageFolder) -> dict:
+    """What must not change for a killed run to be resumed: settings and data."""
+    settings = dataclasses.asdict(config)
+    for name in ("output", "overwrite", "verbose", "cache_dir", "cache"):
+        settings.pop(name)
+    settings["data_dir"] = os.path.abspath(config.data_dir)
+    data = hashlib.sha256()
+    for f in sorted(folder.files, key=lambda f: (f.split, f.path)):
         if f.status == "used":
-            by_digest.setdefault(f.digest, []).append(f)
-    duplicates = []
-    for group in by_digest.values():
-        splits = {f.split for f in group}
-        if len(splits) > 1:
-            duplicates.append(
-                sorted(os.path.relpath(f.path, folder.root) for f in group)
-            )
-    return {
-        "data_dir": folder.root,
-        "layout": folder.layout,
-        "class_names": folder.class_names,
-        "counts": folder.counts(),
-        "skipped": skipped,
-        "duplicates_across_splits": duplicates,
-        "files": [
-            {
-                "path": os.path.relpath(f.path, folder.root),
-                "class": f.class_name,
-                "split": f.split,
-                "status": f.status,
-                "reason": f.reason,
-            }
-            for f in folder.files
-        ],
-    }
+            data.update(f"{f.split}:{f.label}:{f.digest}\n".encode())
+    settings["data"] = data.hexdigest()
+    return settings
 
 
-def _summarize_data(report: dict) -> str:
-    lines = []
-    for split, counts in report["counts"].items():
-        per_class = ", ".join(f"{name} {count}" for name, count in counts.items())
-        lines.append(f"  {split}: {sum(counts.values())} images ({per_class})")
-    skipped = sum(report["skipped"].values())
-    if skipped:
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items()))
-        lines.append(f"  skipped {skipped} file(s): {kinds}")
-        for f in report["files"]:
-            if f["status"] == "skipped":
-                lines.append(f"    {f['path']}: {f['reason']}")
-    if report["duplicates_across_splits"]:
-        lines.append(
-            f"  warning: {len(report['duplicates_across_splits'])} image(s) "
-            "appear in more than one split (identical content)"
+def _read_history(path: str) -> dict:
+    history = {}
+    if os.path.exists(path):
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key, value in row.items():
+                    if key not in ("epoch", "phase") and value not in ("", None):
+                        history.setdefault(key, []).append(float(value))
+    return history
+
+
+class _Phases:
+    """Runs the head phase and the fine-tuning phase of `train_run`, resumably.
+
+    Args are those of `train_run`'s locals; see its docstring for the behaviour.
+    """
+
+    def __init__(self, config, model, folder, data, output, checkpoint, state):
+        self.config = config
+        self.model = model
+        self.backbone = model.get_layer("backbone")
+        self.head = model.get_layer("head")
+        self.folder = folder
+        self.data = data
+        self.checkpoint = checkpoint
+        self.state = state
+        self.start = state["epoch"] if state else 0
+        self.history_path = os.path.join(output, "history.csv")
+        self.cache_dir = None
+        if config.cache and not config.augment:
+            self.cache_dir = config.cache_dir or default_cache_dir()
+        self.report = {}
+        self.class_weight = None
+        if config.class_weight == "auto":
+            _, labels = folder.paths_and_labels("train")
+            self.class_weight = balanced_class_weights(labels, len(folder.class_names))
+
+    def _say(self, message):
+        _say(self.config, message)
+
+    def _callbacks(self, training_model, phase, weights_model=None):
+        return [
+            HistoryCSV(self.history_path, phase),
+            self.checkpoint.callback(weights_model or self.model, training_model,
+                                     phase),
+        ]
+
+    def _restore_optimizer(self, training_model, phase):
+        if self.state and self.state["phase"] == phase:
+            if not restore_optimizer(training_model, self.state):
+                self._say("warning: the optimizer state in the checkpoint does not "
+                          "fit; it starts afresh")
+
+    def _outputs(self, network, cache, split, keep=True):
+        files = self.folder.used(split)
+        outputs, stats = cached_outputs(
+            network,
+            [f.path for f in files],
+            [f.digest for f in files],
+            self.config.image_size,
+            cache,
+            self.config.batch_size,
+            keep=keep,
+            verbose=self.config.verbose,
         )
-    return "\n".join(lines)
+        for name, value in stats._asdict().items():
+            self.report[name] = self.report.get(name, 0) + value
+        return outputs
+
+    def _say_cache(self, what, cache):
+        where = f" (cache: {cache.directory})" if cache else " (no cache)"
+        self._say(
+            f"{what}: {self.report.get('hits', 0)} from cache, "
+            f"{self.report.get('computed', 0)} computed, "
+            f"{self.report.get('rebuilt', 0)} corrupt entries rebuilt{where}"
+        )
+
+    def head_phase(self):
+        config = self.config
+        if self.start >= config.epochs:
+            return
+        if config.augment:
+            # Random views change every epoch: the backbone runs on each of them.
+            compile_classifier(self.model, config.learning_rate)
+            self._restore_optimizer(self.model, "head")
+            self.model.fit(
+                self.data.train,
+                validation_data=self.data.validation,
+                epochs=config.epochs,
+                initial_epoch=self.start,
+                callbacks=self._callbacks(self.model, "head"),
+                class_weight=self.class_weight,
+                verbose=config.verbose,
+            )
+            return
+        spec = get_backbone_spec(config.backbone)
+        cache = self.cache_dir and open_cache(
+            self.cache_dir,
+            feature_cache_key(
+                self.backbone, f"{spec.name}:alpha={config.alpha}", config.image_size,
+                spec.preprocessing,
+            ),
+            verbose=config.verbose != 0,
+        )
+        self._say("Computing backbone features ...")
+        features = {
+            split: (self._outputs(self.backbone, cache, split),
+                    self.folder.paths_and_labels(split)[1])
+            for split in ("train", "validation")
+        }
+        self._say_cache("Features", cache)
+        compile_classifier(self.head, config.learning_rate)
+        self._restore_optimizer(self.head, "head")
+        train_head(
+            self.head,
+            features["train"],
+            features["validation"],
+            config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            callbacks=self._callbacks(self.head, "head", weights_model=self.head),
+            initial_epoch=self.start,
+            class_weight=self.class_weight,
+            verbose=config.verbose,
+        )
+
+    def fine_tune_phase(self) -> bool:
+        """Returns True when it trained on cached activations (float16)."""
+        config = self.config
+        end = config.epochs + config.fine_tune_epochs
+        if config.fine_tune_epochs == 0 or self.start >= end:
+            return False
+        num_layers = config.fine_tune_layers or default_fine_tune_layers(self.backbone)
+        unfreeze_top(self.backbone, num_layers)
+        training_model = self.model
+        train, validation = self.data.train, self.data.validation
+        cut = split_backbone(self.backbone, num_layers) if self.cache_dir else None
+        if self.cache_dir and cut is None:
+            self._say(f"The {config.backbone} graph cannot be cut below its top "
+                      f"{num_layers} layers; fine-tuning runs on the images.")
+        cache = None
+        if cut is not None:
+            bottom, top = cut
+            spec = get_backbone_spec(config.backbone)
+            # float16 halves the disk and reads of activations, which are big.
+            cache = open_cache(
+                self.cache_dir,
+                feature_cache_key(
+                    bottom, f"{spec.name}:alpha={config.alpha}", config.image_size,
+                    spec.preprocessing, cut=[len(top.layers), list(top.input.shape)],
+                ),
+                dtype="float16",
+                verbose=config.verbose != 0,
+            )
+        if cache is not None:
+            self.report = {}
+            self._say(f"Computing activations below the top {num_layers} layers ...")
+            shape = tuple(top.input.shape[1:])
+            splits = {}
+            for split, shuffle in (("train", True), ("validation", False)):
+                self._outputs(bottom, cache, split, keep=False)
+                files = self.folder.used(split)
+                splits[split] = cache.dataset(
+                    [f.digest for f in files],
+                    np.array([f.label for f in files], "int32"),
+                    shape,
+                    config.batch_size,
+                    shuffle=shuffle,
+                    seed=config.seed,
+                )
+            self._say_cache("Activations", cache)
+            train, validation = splits["train"], splits["validation"]
+            inputs = keras.Input(shape, name="activations")
+            logits = self.head(top(inputs, training=False))
+            training_model = keras.Model(inputs, logits, name="classifier_top")
+        compile_classifier(training_model, config.learning_rate / 10)
+        self._restore_optimizer(training_model, "fine_tune")
+        training_model.fit(
+            train,
+            validation_data=validation,
+            epochs=end,
+            initial_epoch=max(self.start, config.epochs),
+            callbacks=self._callbacks(training_model, "fine_tune"),
+            class_weight=self.class_weight,
+            verbose=config.verbose,
+        )
+        self.backbone.trainable = False
+        return cache is not None
 
 
 def train_run(config: TrainConfig) -> dict:
     """Trains a classifier on an image folder and writes a complete run folder.
 
+    The head is trained on backbone features computed once per image and kept in
+    a cache on disk (`config.cache_dir`), so a second run on the same images and
+    backbone skips the backbone altogether. The fine-tuning phase, if any, trains
+    the top of the backbone from cached activations of the frozen bottom. With
+    `augment=True` nothing is cached: every epoch sees new random views.
+
+    A checkpoint is written after every epoch. When `config.output` holds an
+    unfinished run with the same settings and data, it resumes from its last
+    finished epoch; with other settings it is refused unless `overwrite`.
+
     Returns:
         The summary written to `metrics.json`: `val_accuracy`, `seconds`,
         `num_classes`, `class_names`, `saved_model` and more.
+
+    Raises:
+        DataError: the data folder is unusable (see `scan_image_folder`).
+        RunFolderError: `config.output` holds a finished run, or an unfinished
+            one with other settings, and `overwrite` is False.
     """
     start = time.perf_counter()
     output = os.path.abspath(config.output)
@@ -207,19 +419,42 @@ def train_run(config: TrainConfig) -> dict:
     folder = scan_image_folder(config.data_dir, config.validation_split, config.seed,
                                progress=config.verbose != 0)
     report = data_report(folder)
-    _say(config, _summarize_data(report))
+    _say(config, summarize_data(report))
+    imbalance = class_imbalance(report)
+    if imbalance > IMBALANCE_WARNING:
+        advice = ("" if config.class_weight == "auto"
+                  else "; consider --class-weight auto (class_weight='auto')")
+        _say(config, f"warning: the training classes are imbalanced "
+                     f"{imbalance:.1f}:1 (largest to smallest){advice}")
+    checkpoint = RunCheckpoint(output, _run_settings(config, folder))
+    history_path = os.path.join(output, "history.csv")
+    if config.overwrite:
+        state = None
+    else:
+        state = checkpoint.load()
     backbone = load_backbone(config.backbone, config.weights, config.image_size,
                              config.alpha)
     weights_used = config.weights if config.weights is not None else "none (random)"
     _say(config, f"Backbone {config.backbone} ({backbone.count_params():,} "
                  f"parameters), weights: {weights_used}, image size {config.image_size}")
     os.makedirs(output, exist_ok=True)
-    history_path = os.path.join(output, "history.csv")
-    for stale in ("metrics.json", "history.csv"):  # The folder is unfinished now.
-        if os.path.exists(os.path.join(output, stale)):
-            os.remove(os.path.join(output, stale))
+    _remove(os.path.join(output, "metrics.json"))  # The folder is unfinished now.
+    recover_interrupted(os.path.join(output, "saved_model"))
+    checkpoint.remove_temporaries()
+    _remove(os.path.join(output, "model.keras.partial.keras"))
+    if state is None:
+        checkpoint.clear()
+        _remove(history_path)
+    else:
+        truncate_history(history_path, state["epoch"])
+        _say(config, f"Resuming from epoch {state['epoch']} "
+                     f"(checkpoint in {checkpoint.path})")
     write_json_atomically(os.path.join(output, "data_report.json"), report)
     model = build_classifier(backbone, len(folder.class_names), config.dropout)
+    if state is not None:
+        # Head-phase checkpoints hold the head only: the backbone is unchanged.
+        restore_weights(model.get_layer("head") if state["weights_of"] == "head"
+                        else model, state)
     augment = augmentation_layers(config.seed) if config.augment else None
     data = image_folder_datasets(
         config.data_dir,
@@ -229,31 +464,26 @@ def train_run(config: TrainConfig) -> dict:
         augment=augment,
         folder=folder,
     )
-    history = fine_tune(
-        model,
-        data.train,
-        data.validation,
-        epochs=config.epochs,
-        fine_tune_epochs=config.fine_tune_epochs,
-        learning_rate=config.learning_rate,
-        fine_tune_layers=config.fine_tune_layers,
-        cache_features=not config.augment,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        callbacks_for=lambda phase: [HistoryCSV(history_path, phase)],
-        verbose=config.verbose,
-    )
+    phases = _Phases(config, model, folder, data, output, checkpoint, state)
+    phases.head_phase()
+    head_report = dict(phases.report)
+    from_activations = phases.fine_tune_phase()
+    history = _read_history(history_path)
     metrics = {
         "val_accuracy": history["val_accuracy"][-1],
         "val_loss": history["val_loss"][-1],
     }
+    evaluations = {}
+    if from_activations:
+        # The top trained on float16 activations: report what the full model,
+        # as exported, scores on the validation images.
+        evaluations["validation"] = data.validation
     if data.test is not None:
-        model.compile(
-            metrics=["accuracy"],
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        test_loss, test_accuracy = model.evaluate(data.test, verbose=0)
-        metrics.update(test_accuracy=float(test_accuracy), test_loss=float(test_loss))
+        evaluations["test"] = data.test
+    for split, dataset in evaluations.items():
+        prefix = {"validation": "val"}.get(split, split)
+        loss, accuracy = _evaluate(model, dataset)
+        metrics.update({f"{prefix}_accuracy": accuracy, f"{prefix}_loss": loss})
 
     _save_keras_model(model, os.path.join(output, "model.keras"))
     write_labels(os.path.join(output, "labels.txt"), folder.class_names)
@@ -279,10 +509,35 @@ def train_run(config: TrainConfig) -> dict:
         "epochs": config.epochs,
         "fine_tune_epochs": config.fine_tune_epochs,
         "augment": config.augment,
+        "class_weight": phases.class_weight,
+        "class_imbalance": imbalance,
+        "resumed_from_epoch": state["epoch"] if state else None,
+        "feature_cache": phases.cache_dir,
+        "features": head_report,
+        "fine_tune_activations": phases.report if from_activations else None,
         "history": history,
     }
     write_json_atomically(os.path.join(output, "metrics.json"), summary)
+    checkpoint.clear()
     return summary
+
+
+def _evaluate(model: keras.Model, dataset) -> tuple:
+    """Loss and accuracy of `model` on `(pixels, label)` batches.
+
+    Not `model.evaluate`, which needs `compile`, and a compiled model would be
+    saved to `model.keras` with an optimizer it never used.
+    """
+    loss = keras.metrics.Mean()
+    accuracy = keras.metrics.SparseCategoricalAccuracy()
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None
+    )
+    for pixels, labels in dataset:
+        logits = model(pixels, training=False)
+        loss.update_state(cross_entropy(labels, logits))
+        accuracy.update_state(labels, logits)
+    return float(loss.result()), float(accuracy.result())
 
 
 def _save_keras_model(model: keras.Model, path: str) -> None:

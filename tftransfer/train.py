@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from typing import Optional
 
 import keras
@@ -17,6 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.backbones import backbone_network
+
+# Keras warns on every `fit` over a dataset that its default `shuffle=True` is
+# ignored; our datasets shuffle themselves, so the warning only misleads.
+warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -55,7 +60,8 @@ class HistoryCSV(keras.callbacks.Callback):
             os.fsync(handle.fileno())
 
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
+def compile_classifier(model: keras.Model, learning_rate: float) -> None:
+    """Adam, sparse cross-entropy on logits, and accuracy: both phases use these."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -107,23 +113,41 @@ def train_head(
     train_features: tuple,
     validation_features: tuple,
     epochs: int,
-    learning_rate: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
     callbacks: Optional[list] = None,
     initial_epoch: int = 0,
+    class_weight: Optional[dict] = None,
     verbose="auto",
 ) -> keras.callbacks.History:
-    """Trains a head on precomputed `(features, labels)` pairs."""
-    _compile(head, learning_rate)
+    """Trains a compiled head on precomputed `(features, labels)` pairs.
+
+    `epochs` is the index of the last epoch, as in `fit`: training runs from
+    `initial_epoch` to `epochs`.
+    """
     return head.fit(
         _feature_dataset(*train_features, batch_size, shuffle=True, seed=seed),
         validation_data=_feature_dataset(*validation_features, batch_size, False, seed),
         epochs=epochs,
         initial_epoch=initial_epoch,
         callbacks=callbacks,
+        class_weight=class_weight,
         verbose=verbose,
     )
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict:
+    """Weights `n / (k * n_c)` per class, so each class weighs the same in the loss.
+
+    The same rule as scikit-learn's `class_weight="balanced"`.
+    """
+    counts = np.bincount(np.asarray(labels, "int64"), minlength=num_classes)
+    if not counts.all():
+        raise ValueError(
+            "Every class needs a training image for balanced class weights. "
+            f"Received: counts per class {counts.tolist()}"
+        )
+    return {i: float(counts.sum() / (num_classes * c)) for i, c in enumerate(counts)}
 
 
 def unfreeze_top(backbone: keras.Model, num_layers: int) -> int:
@@ -170,6 +194,7 @@ def fine_tune(
     batch_size: int = 32,
     seed: int = 0,
     callbacks_for=None,
+    class_weight: Optional[dict] = None,
     verbose="auto",
 ) -> dict:
     """Trains a `build_classifier` model: the head first, then the backbone's top.
@@ -192,6 +217,8 @@ def fine_tune(
         seed: Shuffling seed for training on features. Defaults to `0`.
         callbacks_for: Optional `callable(phase) -> list` of callbacks for the
             `"head"` and `"fine_tune"` phases.
+        class_weight: Optional `{label: weight}` for the loss, as in `fit`
+            (see `balanced_class_weights`). Defaults to `None`.
         verbose: Passed to `fit`. Defaults to `"auto"`.
 
     Returns:
@@ -210,33 +237,35 @@ def fine_tune(
         if cache_features:
             train_features = compute_features(backbone, train, verbose)
             validation_features = compute_features(backbone, validation, verbose)
+            compile_classifier(head, learning_rate)
             record(
                 train_head(
                     head,
                     train_features,
                     validation_features,
                     epochs,
-                    learning_rate,
-                    batch_size,
-                    seed,
-                    callbacks_for("head"),
+                    batch_size=batch_size,
+                    seed=seed,
+                    callbacks=callbacks_for("head"),
+                    class_weight=class_weight,
                     verbose=verbose,
                 )
             )
         else:
-            _compile(model, learning_rate)
+            compile_classifier(model, learning_rate)
             record(
                 model.fit(
                     train,
                     validation_data=validation,
                     epochs=epochs,
                     callbacks=callbacks_for("head"),
+                    class_weight=class_weight,
                     verbose=verbose,
                 )
             )
     if fine_tune_epochs > 0:
         unfreeze_top(backbone, fine_tune_layers or default_fine_tune_layers(backbone))
-        _compile(model, fine_tune_learning_rate or learning_rate / 10)
+        compile_classifier(model, fine_tune_learning_rate or learning_rate / 10)
         record(
             model.fit(
                 train,
@@ -244,6 +273,7 @@ def fine_tune(
                 epochs=epochs + fine_tune_epochs,
                 initial_epoch=epochs,
                 callbacks=callbacks_for("fine_tune"),
+                class_weight=class_weight,
                 verbose=verbose,
             )
         )

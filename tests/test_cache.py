@@ -1,0 +1,132 @@
+import os
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tftransfer import load_backbone, scan_image_folder
+from tftransfer.cache import (
+    HEADER_SIZE,
+    FeatureCache,
+    cached_outputs,
+    feature_cache_key,
+    open_cache,
+    weights_fingerprint,
+)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("vgg16", weights=None, image_size=32)
+
+
+def _write_jpeg(path, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (24, 24, 3), "uint8")
+    tf.io.write_file(path, tf.io.encode_jpeg(pixels))
+
+
+def _class_folder(root, count):
+    for index, name in enumerate("ab"):
+        for i in range(count):
+            _write_jpeg(os.path.join(root, name, f"{i}.jpg"), 100 * index + i)
+    return str(root)
+
+
+def _files(root):
+    files = [f for f in scan_image_folder(root, validation_split=None).files]
+    return [f.path for f in files], [f.digest for f in files]
+
+
+def _cache(directory, backbone):
+    return FeatureCache(str(directory), feature_cache_key(backbone, "vgg16", 32, "caffe"))
+
+
+def test_hits_equal_fresh_features_and_a_changed_file_is_recomputed_alone(
+        tmp_path, backbone):
+    root = _class_folder(tmp_path / "data", count=6)
+    paths, digests = _files(root)
+    cache = _cache(tmp_path / "cache", backbone)
+    fresh, stats = cached_outputs(backbone, paths, digests, 32, None, verbose=0)
+    assert stats.computed == 12 and stats.hits == 0
+    first, stats = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    assert stats == (0, 12, 0)
+    np.testing.assert_array_equal(first, fresh)
+    second, stats = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    assert stats == (12, 0, 0)
+    np.testing.assert_array_equal(second, fresh)
+
+    _write_jpeg(paths[3], seed=999)  # The user edits one image.
+    paths, digests = _files(root)
+    third, stats = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    assert stats == (11, 1, 0)
+    assert not np.array_equal(third[3], fresh[3])
+    np.testing.assert_array_equal(np.delete(third, 3, 0), np.delete(fresh, 3, 0))
+
+
+def test_corrupt_entries_are_detected_and_rebuilt(tmp_path, backbone):
+    root = _class_folder(tmp_path / "data", count=3)
+    paths, digests = _files(root)
+    cache = _cache(tmp_path / "cache", backbone)
+    expected, _ = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    truncated, flipped, garbage = (cache.path(d) for d in digests[:3])
+    with open(truncated, "r+b") as handle:
+        handle.truncate(HEADER_SIZE + 10)
+    with open(flipped, "r+b") as handle:
+        handle.seek(HEADER_SIZE + 5)
+        byte = handle.read(1)
+        handle.seek(HEADER_SIZE + 5)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with open(garbage, "wb") as handle:
+        handle.write(b"not a cache entry")
+    for digest in digests[:3]:
+        assert cache.load(digest) == (None, "corrupt")
+    rebuilt, stats = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    assert stats == (3, 3, 3)
+    np.testing.assert_array_equal(rebuilt, expected)
+    assert all(cache.load(d)[1] == "hit" for d in digests)
+
+
+def test_key_changes_with_weights_size_and_preprocessing(backbone):
+    other = load_backbone("vgg16", weights=None, image_size=32)
+    assert weights_fingerprint(other) != weights_fingerprint(backbone)
+    base = feature_cache_key(backbone, "vgg16", 32, "caffe")
+    assert base != feature_cache_key(backbone, "vgg16", 48, "caffe")
+    assert base != feature_cache_key(backbone, "vgg16", 32, "tf")
+    assert base == feature_cache_key(backbone, "vgg16", 32, "caffe")
+
+
+def test_concurrent_writers_never_leave_a_bad_entry(tmp_path):
+    cache = FeatureCache(str(tmp_path), {"network": "test"}, dtype="float16")
+    value = np.arange(4096, dtype="float32")
+
+    def write():
+        for _ in range(50):
+            cache.store("ab" * 32, value)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in range(200):
+        array, status = cache.load("ab" * 32)
+        assert status in ("hit", "miss")
+        if array is not None:
+            np.testing.assert_array_equal(array, value.astype("float16"))
+    for thread in threads:
+        thread.join()
+    assert not [n for n in os.listdir(os.path.dirname(cache.path("ab" * 32)))
+                if n.startswith(".tmp-")]
+
+
+def test_unwritable_cache_folder_warns_and_runs_without(tmp_path, capsys):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("a file where the cache folder should be")
+        directory = str(blocker / "cache")
+    else:
+        (tmp_path / "locked").mkdir(mode=0o500)
+        directory = str(tmp_path / "locked" / "cache")
+    with pytest.warns(UserWarning, match="cannot be written"):
+        assert open_cache(directory, {"network": "test"}) is None
+    assert "--no-cache" in capsys.readouterr().out

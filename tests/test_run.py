@@ -1,0 +1,171 @@
+"""Training runs: odd input, resuming after SIGKILL, killed exports, caching."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+from conftest import last_json
+from odd_files import write_odd_files
+
+from tftransfer import ServedModel, TrainConfig, load_backbone, train_run
+from tftransfer.cli import main
+from tftransfer.export import recover_interrupted
+
+TINY = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32",
+        "--learning-rate", "0.01"]
+
+
+def _epochs(run_dir):
+    with open(os.path.join(run_dir, "history.csv"), newline="") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def _start(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "tftransfer", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def _kill_when(process, condition, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_odd_files_are_reported_each_and_training_completes(scenes_dir, tmp_path,
+                                                            capsys):
+    data = tmp_path / "data"
+    shutil.copytree(scenes_dir, data)
+    expected = write_odd_files(str(data / "desert"))
+    for name in ("extra1.jpg", "extra2.jpg"):  # Unbalance the classes past 5:1.
+        shutil.copy(data / "ocean" / "ocean_000.jpg", data / "ocean" / name)
+    for name in sorted(os.listdir(data / "forest"))[3:]:
+        os.remove(data / "forest" / name)
+    run = str(tmp_path / "run")
+    assert main(["train", str(data), "--output", run, *TINY, "--epochs", "2",
+                 "--class-weight", "auto", "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = last_json(out)
+    assert "imbalanced" in out and summary["class_imbalance"] > 5
+    weights = {int(k): v for k, v in summary["class_weight"].items()}
+    assert weights[1] > weights[0] > 0  # forest, the rare class, weighs most.
+
+    report = json.load(open(os.path.join(run, "data_report.json")))
+    by_path = {f["path"]: f for f in report["files"]}
+    for name, status in expected.items():
+        path = os.path.join("desert", name)
+        if status is None:
+            assert path not in by_path, f"{name} is OS junk and must be ignored"
+        else:
+            assert by_path[path]["status"] == status, (name, by_path[path])
+            assert bool(by_path[path]["reason"]) == (status == "skipped"), name
+    skipped = sum(1 for status in expected.values() if status == "skipped")
+    assert summary["num_skipped"] == skipped == sum(report["skipped"].values())
+    assert "bomb.png: too many pixels" in out
+
+
+def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path):
+    run = str(tmp_path / "run")
+    args = ["train", scenes_dir, "--output", run, *TINY, "--epochs", "3",
+            "--fine-tune-epochs", "4", "--cache-dir", str(tmp_path / "cache")]
+    process = _start(*args)
+    history = os.path.join(run, "history.csv")
+    _kill_when(process, lambda: os.path.exists(history)
+               and "fine_tune" in open(history).read())
+    assert not os.path.exists(os.path.join(run, "metrics.json"))
+    done = _epochs(run)
+    assert 4 <= done[-1] < 7
+
+    changed = _start(*args[:-2], "--cache-dir", str(tmp_path / "cache"), "--seed", "1")
+    out, _ = changed.communicate(timeout=300)
+    assert changed.returncode == 2 and "other settings" in out and "seed" in out
+
+    resumed = _start(*args, "--json")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    checkpointed = last_json(out)["resumed_from_epoch"]
+    assert checkpointed in (done[-1], done[-1] - 1)
+    assert f"Resuming from epoch {checkpointed}" in out
+    assert _epochs(run) == list(range(1, 8))
+    assert not os.path.exists(os.path.join(run, "checkpoint.npz"))
+
+    again = _start(*args)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 2 and "finished run" in out and "Traceback" not in out
+
+
+def test_killed_export_leaves_the_previous_model_whole(trained_run, scenes_dir,
+                                                       tmp_path):
+    destination = str(tmp_path / "saved_model")
+    shutil.copytree(os.path.join(trained_run, "saved_model"), destination)
+    samples = [os.path.join(scenes_dir, c, f"{c}_000.jpg")
+               for c in ("desert", "forest", "ocean")]
+    before = ServedModel(destination).predict_files(samples)
+    # A different model, so that a half-replaced export would show.
+    script = (
+        "import keras, tftransfer\n"
+        "from tftransfer.export import export_saved_model\n"
+        f"model = keras.saving.load_model({os.path.join(trained_run, 'model.keras')!r})\n"
+        "dense = model.get_layer('head').layers[-1]\n"
+        "dense.kernel.assign(dense.kernel * 0)\n"
+        f"export_saved_model(model, {destination!r}, ['desert', 'forest', 'ocean'],"
+        " overwrite=True)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+
+    def partial_written():
+        return any(name.startswith(".saved_model.partial-")
+                   and os.listdir(os.path.join(tmp_path, name))
+                   for name in os.listdir(tmp_path))
+
+    _kill_when(process, partial_written)
+    after = ServedModel(destination).predict_files(samples)
+    np.testing.assert_allclose(after, before, atol=1e-6)
+    recover_interrupted(destination)
+    assert sorted(os.listdir(tmp_path)) == ["saved_model"]
+
+
+def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_path):
+    config = TrainConfig(scenes_dir, output=str(tmp_path / "run"), backbone="vgg16",
+                         weights=None, image_size=32, epochs=10, fine_tune_epochs=3,
+                         fine_tune_layers=4, learning_rate=0.01,
+                         cache_dir=str(tmp_path / "cache"), verbose=0)
+    summary = train_run(config)
+    activations = summary["fine_tune_activations"]
+    assert activations["computed"] == summary["num_train"] + summary["num_validation"]
+    keras.utils.set_random_seed(config.seed)  # train_run's backbone, before training
+    initial = load_backbone("vgg16", None, 32).layers[-1]
+    trained = keras.saving.load_model(summary["model"]).get_layer("backbone").layers[-1]
+    changed = [not all(np.array_equal(a, b) for a, b in
+                       zip(x.get_weights(), y.get_weights()))
+               for x, y in zip(initial.layers, trained.layers)]
+    assert not any(changed[:-4]) and any(changed[-4:])
+
+    report = json.load(open(os.path.join(summary["run_dir"], "data_report.json")))
+    validation = [f for f in report["files"] if f["split"] == "validation"
+                  and f["status"] == "used"]
+    served = ServedModel(summary["saved_model"])
+    probabilities = served.predict_files(
+        [os.path.join(scenes_dir, f["path"]) for f in validation])
+    labels = [served.class_names.index(f["class"]) for f in validation]
+    accuracy = float(np.mean(probabilities.argmax(-1) == labels))
+    assert abs(accuracy - summary["val_accuracy"]) < 1e-6
+
+    second = train_run(TrainConfig(**{**config.__dict__, "overwrite": True}))
+    assert second["features"]["hits"] == summary["num_train"] + summary["num_validation"]
+    assert second["features"]["computed"] == 0
+    assert second["fine_tune_activations"]["computed"] == 0

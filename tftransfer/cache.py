@@ -1,0 +1,306 @@
+"""An on-disk cache of what a frozen network computes for each image.
+
+With the backbone frozen and no random augmentation, an image's features never
+change, so they are computed once and kept. Entries are keyed by everything that
+changes them: the network (name, a fingerprint of all its weights, where it is
+cut), the image size, the preprocessing, the resize method, and the SHA-256 of the
+file's content (so a renamed file is still a hit and a changed one a miss).
+
+Layout: `CACHE_DIR/v1/<network key>/<digest[:2]>/<digest>.bin`, plus `key.json`
+saying what the key stands for. Each entry is a 64-byte header (magic, dtype,
+shape, BLAKE2b checksum of the payload) and the raw array. The format is our own,
+not `.npy`, because `.npy` has no checksum and a cache must never hand back a
+truncated or corrupt entry; a fixed header also lets `tf.data` read entries
+natively (`read_file`, `substr`, `decode_raw`) when they are too big to hold.
+
+Safety: each entry is written to a unique temporary file and renamed into place,
+so two runs sharing a cache can only replace an entry with an identical one, and
+a kill leaves no partial entry. A bad entry is reported as a miss and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import warnings
+from typing import NamedTuple, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.data import RESIZE_METHOD, make_dataset
+
+FORMAT_VERSION = "v1"
+HEADER_SIZE = 64
+_MAGIC = b"TFTC"
+_DTYPES = {"float16": 1, "float32": 2}
+_DTYPE_NAMES = {code: name for name, code in _DTYPES.items()}
+_MAX_DIMS = 4
+
+
+def default_cache_dir() -> str:
+    """`$TFTRANSFER_CACHE_DIR`, else `$XDG_CACHE_HOME/tftransfer`, else
+    `~/.cache/tftransfer`."""
+    if os.environ.get("TFTRANSFER_CACHE_DIR"):
+        return os.environ["TFTRANSFER_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(base, "tftransfer")
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """SHA-256 over the shapes and values of all of a model's weights."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        # Values and shapes only: variable paths depend on layer names, which
+        # Keras may number differently from one process to the next.
+        value = np.ascontiguousarray(variable.numpy())
+        digest.update(f"{value.shape}:{value.dtype}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _encode(array: np.ndarray) -> bytes:
+    payload = np.ascontiguousarray(array).tobytes()
+    checksum = hashlib.blake2b(payload, digest_size=32).digest()
+    shape = list(array.shape) + [0] * (_MAX_DIMS - array.ndim)
+    header = struct.pack(
+        "<4sBB2x4I", _MAGIC, _DTYPES[array.dtype.name], array.ndim, *shape
+    )
+    header += checksum
+    return header.ljust(HEADER_SIZE, b"\0") + payload
+
+
+def _decode(contents: bytes) -> Optional[np.ndarray]:
+    """The array in an entry, or `None` if it is truncated or corrupt."""
+    if len(contents) < HEADER_SIZE:
+        return None
+    magic, dtype_code, ndim, *shape = struct.unpack("<4sBB2x4I", contents[:24])
+    if magic != _MAGIC or dtype_code not in _DTYPE_NAMES or ndim > _MAX_DIMS:
+        return None
+    payload = contents[HEADER_SIZE:]
+    if hashlib.blake2b(payload, digest_size=32).digest() != contents[24:56]:
+        return None
+    dtype = np.dtype(_DTYPE_NAMES[dtype_code])
+    shape = tuple(shape[:ndim])
+    if len(payload) != dtype.itemsize * int(np.prod(shape)):
+        return None
+    return np.frombuffer(payload, dtype).reshape(shape)
+
+
+class FeatureCache:
+    """Cached outputs of one network for images, keyed by file content.
+
+    Args:
+        directory: The cache root (see `default_cache_dir`).
+        key: Everything that changes the network's output for a given file,
+            as a JSON-serializable dict (see `feature_cache_key`).
+        dtype: Storage dtype, `"float32"` or `"float16"`. Defaults to `"float32"`.
+    """
+
+    def __init__(self, directory: str, key: dict, dtype: str = "float32"):
+        if dtype not in _DTYPES:
+            raise ValueError(
+                f"`dtype` must be one of {sorted(_DTYPES)}. Received: dtype={dtype!r}"
+            )
+        self.key = {**key, "dtype": dtype}
+        self.dtype = np.dtype(dtype)
+        name = hashlib.sha256(
+            json.dumps(self.key, sort_keys=True, default=str).encode()
+        ).hexdigest()[:32]
+        self.directory = os.path.join(directory, FORMAT_VERSION, name)
+        os.makedirs(self.directory, exist_ok=True)
+        key_path = os.path.join(self.directory, "key.json")
+        if not os.path.exists(key_path):
+            self._write_atomically(
+                key_path, json.dumps(self.key, indent=2, default=str).encode()
+            )
+        # Fail now, not mid-run, when the folder cannot be written.
+        handle, probe = tempfile.mkstemp(prefix=".probe-", dir=self.directory)
+        os.close(handle)
+        os.remove(probe)
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.directory, digest[:2], digest + ".bin")
+
+    def load(self, digest: str) -> tuple:
+        """Returns `(array or None, status)`; status is `hit`, `miss` or `corrupt`."""
+        try:
+            with open(self.path(digest), "rb") as handle:
+                contents = handle.read()
+        except FileNotFoundError:
+            return None, "miss"
+        except OSError:
+            return None, "corrupt"
+        array = _decode(contents)
+        return (array, "hit") if array is not None else (None, "corrupt")
+
+    def store(self, digest: str, array: np.ndarray) -> None:
+        path = self.path(digest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._write_atomically(path, _encode(np.asarray(array, self.dtype)))
+
+    @staticmethod
+    def _write_atomically(path: str, contents: bytes) -> None:
+        handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(contents)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def dataset(
+        self,
+        digests: list,
+        labels: np.ndarray,
+        shape: tuple,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> tf.data.Dataset:
+        """Streams entries already checked by `load` as `(float32, label)` batches.
+
+        Entries are read from disk as batches are needed, not held in memory;
+        shuffling reorders file names before reading, so it costs no memory.
+        """
+        paths = [self.path(d) for d in digests]
+        dtype = tf.as_dtype(self.dtype.name)
+        dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+        if shuffle:
+            dataset = dataset.shuffle(len(paths), seed=seed,
+                                      reshuffle_each_iteration=True)
+
+        def read(path, label):
+            payload = tf.strings.substr(tf.io.read_file(path), HEADER_SIZE, -1)
+            array = tf.reshape(tf.io.decode_raw(payload, dtype), shape)
+            return tf.cast(array, tf.float32), label
+
+        dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def feature_cache_key(
+    network: keras.Model, name: str, image_size: int, preprocessing: str,
+    **extra
+) -> dict:
+    """The cache key of a network's outputs: see the module docstring."""
+    return {
+        "network": name,
+        "weights": weights_fingerprint(network),
+        "image_size": int(image_size),
+        "preprocessing": preprocessing,
+        "resize": RESIZE_METHOD,
+        **extra,
+    }
+
+
+def open_cache(directory: Optional[str], key: dict, dtype: str = "float32",
+               verbose: bool = True) -> Optional[FeatureCache]:
+    """A `FeatureCache`, or `None` with a warning when `directory` is unusable."""
+    if directory is None:
+        return None
+    try:
+        return FeatureCache(directory, key, dtype)
+    except OSError as error:
+        message = (
+            f"The feature cache folder {directory} cannot be written "
+            f"({error.strerror or error}); features are computed without a cache. "
+            "Pass --cache-dir DIR to use another folder or --no-cache to silence this."
+        )
+        warnings.warn(message, stacklevel=2)
+        if verbose:
+            print(f"warning: {message}", flush=True)
+        return None
+
+
+class CacheStats(NamedTuple):
+    """How the outputs of one `cached_outputs` call were obtained."""
+
+    hits: int
+    computed: int
+    rebuilt: int
+
+
+def cached_outputs(
+    network: keras.Model,
+    paths: list,
+    digests: list,
+    image_size: int,
+    cache: Optional[FeatureCache],
+    batch_size: int = 32,
+    keep: bool = True,
+    verbose="auto",
+) -> tuple:
+    """Runs a frozen network once over the images not yet in `cache`.
+
+    Images are decoded in a `tf.data` pipeline that overlaps the forward passes;
+    each output is written to the cache as its batch comes out, so a run killed
+    half-way keeps what it computed.
+
+    Args:
+        network: A frozen model taking pixels in 0..255.
+        paths: Image files.
+        digests: SHA-256 of each file's content, as from `scan_image_folder`.
+        image_size: Side images are resized to.
+        cache: A `FeatureCache`, or `None` to compute everything in memory.
+        batch_size: Defaults to `32`.
+        keep: Return the outputs as one array. With `False` (outputs too big to
+            hold, e.g. activations for fine-tuning) only the cache is filled and
+            `None` is returned. Defaults to `True`.
+        verbose: Progress bar. Defaults to `"auto"`.
+
+    Returns:
+        `(outputs, CacheStats)`; outputs is a float32 array (or `None`).
+    """
+    outputs = [None] * len(paths)
+    todo, rebuilt = [], 0
+    for index, digest in enumerate(digests):
+        array, status = cache.load(digest) if cache else (None, "miss")
+        if array is not None:
+            outputs[index] = array if keep else True
+        else:
+            todo.append(index)
+            rebuilt += status == "corrupt"
+    # Identical files are computed once.
+    unique = {}
+    for index in todo:
+        unique.setdefault(digests[index], index)
+    if unique:
+        forward = tf.function(
+            lambda pixels: network(pixels, training=False),
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3])],
+        )
+        order = list(unique.values())
+        dataset = make_dataset(
+            [paths[i] for i in order], np.array(order, "int32"), image_size,
+            batch_size,
+        )
+        steps = -(-len(order) // batch_size)
+        bar = keras.utils.Progbar(
+            steps, unit_name="batch", verbose=1 if verbose == "auto" else verbose
+        )
+        for step, (pixels, indices) in enumerate(dataset, 1):
+            values = forward(pixels).numpy()
+            for index, value in zip(indices.numpy(), values):
+                if cache is not None:
+                    cache.store(digests[index], value)
+                    if not keep:
+                        value = None
+                outputs[index] = value if keep else True
+            bar.update(step)
+        for index in todo:
+            outputs[index] = outputs[unique[digests[index]]]
+    stats = CacheStats(len(paths) - len(todo), len(unique), rebuilt)
+    if not keep:
+        return None, stats
+    if not outputs:
+        raise ValueError("Cannot compute features of an empty list of images.")
+    return np.stack(outputs).astype("float32", copy=False), stats

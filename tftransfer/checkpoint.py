@@ -1,0 +1,179 @@
+"""Per-epoch checkpoints of a run, so that a killed run resumes where it stopped.
+
+`keras.callbacks.BackupAndRestore` is not used: it restores one `fit` call, while a
+run is two (the head on cached features, then the top of the backbone), and a
+kill between its weights file and its metadata file leaves the two out of step.
+Here one `.npz` file holds the model's weights, the optimizer's state and the epoch
+it belongs to; it is written beside the old one and renamed over it, so a kill at
+any moment leaves either the previous checkpoint or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from typing import Optional
+
+import keras
+import numpy as np
+
+from tftransfer.errors import RunFolderError
+
+CHECKPOINT_FILE = "checkpoint.npz"
+
+
+class RunCheckpoint:
+    """The training state of a run folder: weights, optimizer state and epoch.
+
+    Args:
+        run_dir: The run folder; the checkpoint is `RUN_DIR/checkpoint.npz`.
+        settings: Everything that makes two runs the same run (backbone, data,
+            schedule...). A checkpoint written under other settings is refused.
+    """
+
+    def __init__(self, run_dir: str, settings: dict):
+        self.path = os.path.join(run_dir, CHECKPOINT_FILE)
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+    def load(self) -> Optional[dict]:
+        """Returns the saved state (`epoch`, `phase`, arrays) or `None`.
+
+        Raises:
+            RunFolderError: the checkpoint belongs to a run with other settings,
+                or cannot be read.
+        """
+        if not os.path.exists(self.path):
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+            meta = json.loads(str(arrays.pop("meta")))
+        except (OSError, ValueError, KeyError) as error:
+            raise RunFolderError(
+                f"The checkpoint {self.path} cannot be read ({error}). Pass "
+                "--overwrite (overwrite=True) to start the run over."
+            ) from error
+        different = sorted(
+            key
+            for key in set(meta["settings"]) | set(self.settings)
+            if meta["settings"].get(key) != self.settings.get(key)
+        )
+        if different:
+            changes = ", ".join(
+                f"{key}: {meta['settings'].get(key)!r} then, {self.settings.get(key)!r} now"
+                for key in different
+            )
+            raise RunFolderError(
+                f"{os.path.dirname(self.path)} holds an unfinished run with other "
+                f"settings ({changes}). Run the same command again to resume it, "
+                "pass --overwrite (overwrite=True) to start over, or choose another "
+                "--output."
+            )
+        model = [arrays[f"model_{i}"] for i in range(meta["num_model"])]
+        optimizer = [arrays[f"optimizer_{i}"] for i in range(meta["num_optimizer"])]
+        return {**meta, "model": model, "optimizer": optimizer}
+
+    def save(self, model: keras.Model, training_model: keras.Model, epoch: int,
+             phase: str) -> None:
+        """Saves `model`'s weights and `training_model`'s optimizer after `epoch`.
+
+        `model` is what the phase trains (the head alone while the backbone is
+        frozen, saving writing the unchanged backbone every epoch).
+        """
+        optimizer = getattr(training_model, "optimizer", None)
+        optimizer_values = [v.numpy() for v in optimizer.variables] if optimizer else []
+        meta = {
+            "epoch": epoch,
+            "phase": phase,
+            "weights_of": model.name,
+            "settings": self.settings,
+            "num_model": len(model.weights),
+            "num_optimizer": len(optimizer_values),
+        }
+        arrays = {f"model_{i}": v.numpy() for i, v in enumerate(model.weights)}
+        arrays.update({f"optimizer_{i}": v for i, v in enumerate(optimizer_values)})
+        arrays["meta"] = np.array(json.dumps(meta))
+        handle, tmp = tempfile.mkstemp(
+            prefix=".tmp-checkpoint-", suffix=".npz", dir=os.path.dirname(self.path)
+        )
+        try:
+            # No fsync: a killed process loses nothing the kernel holds, and the
+            # rename is atomic; fsync would only guard against power loss, at a
+            # cost paid every epoch.
+            with os.fdopen(handle, "wb") as stream:
+                np.savez(stream, **arrays)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def callback(self, model: keras.Model, training_model: keras.Model,
+                 phase: str) -> keras.callbacks.Callback:
+        """A callback that saves a checkpoint at the end of every epoch."""
+        return keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: self.save(
+                model, training_model, epoch + 1, phase
+            )
+        )
+
+    def remove_temporaries(self) -> None:
+        """Removes the partial checkpoint file a kill may have left behind."""
+        directory = os.path.dirname(self.path)
+        if os.path.isdir(directory):
+            for entry in os.listdir(directory):
+                if entry.startswith(".tmp-checkpoint-"):
+                    os.remove(os.path.join(directory, entry))
+
+    def clear(self) -> None:
+        """Removes the checkpoint and any partial one."""
+        self.remove_temporaries()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def restore_weights(model: keras.Model, state: dict) -> None:
+    """Sets `model`'s weights from a state returned by `RunCheckpoint.load`."""
+    if len(model.weights) != len(state["model"]):
+        raise RunFolderError(
+            "The checkpoint does not fit the model it should resume "
+            f"({len(state['model'])} weights saved, {len(model.weights)} in the "
+            "model). Pass --overwrite (overwrite=True) to start over."
+        )
+    for variable, value in zip(model.weights, state["model"]):
+        variable.assign(value)
+
+
+def restore_optimizer(training_model: keras.Model, state: dict) -> bool:
+    """Restores the optimizer state of a compiled model; False if it does not fit."""
+    optimizer = training_model.optimizer
+    optimizer.build(training_model.trainable_variables)
+    if len(optimizer.variables) != len(state["optimizer"]) or any(
+        tuple(v.shape) != value.shape
+        for v, value in zip(optimizer.variables, state["optimizer"])
+    ):
+        return False
+    for variable, value in zip(optimizer.variables, state["optimizer"]):
+        variable.assign(value)
+    return True
+
+
+def truncate_history(path: str, last_epoch: int) -> None:
+    """Keeps the rows of `history.csv` up to `last_epoch`, dropping later ones.
+
+    An epoch's row is written just before its checkpoint; a kill between the two
+    leaves a row the resumed run will write again.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_epoch]
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-history-", dir=os.path.dirname(path))
+    with os.fdopen(handle, "w", newline="") as stream:
+        csv.writer(stream).writerows(kept)
+    os.replace(tmp, path)
