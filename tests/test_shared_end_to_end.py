@@ -36,3 +36,39 @@ def test_hymenoptera_mobilenet_v2_imagenet(tmp_path, capsys):
     predictions = last_json(capsys.readouterr().out)
     assert len(predictions) == 10
     assert sum(p["predictions"][0]["class_name"] == "bees" for p in predictions) >= 7
+
+
+def test_hymenoptera_with_odd_files_at_160_px(tmp_path, capsys):
+    """Issue 3's acceptance run: broken and odd files mixed into real data.
+
+    At 160 px MobileNetV2 has its own weights file, absent offline: the 224 px
+    weights (same shapes) are used, with a warning.
+    """
+    import shutil
+
+    from odd_files import write_odd_files
+
+    data = tmp_path / "hymenoptera"
+    shutil.copytree(shared_path("data", "hymenoptera"), data)
+    expected = {}
+    for split, name in (("train", "ants"), ("val", "bees")):
+        folder = data / split / name
+        for file_name, status in write_odd_files(str(folder / "odd")).items():
+            expected[os.path.join(split, name, "odd", file_name)] = status
+    run = str(tmp_path / "run")
+    with pytest.warns(UserWarning, match="using the 224 px weights"):
+        status = main(["train", str(data), "--output", run, "--backbone",
+                       "mobilenet_v2", "--alpha", "0.35", "--image-size", "160",
+                       "--epochs", "5", "--cache-dir", str(tmp_path / "cache"),
+                       "--json"])
+    assert status == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["weights"] == "imagenet" and summary["val_accuracy"] >= 0.8
+    files = {f["path"]: f for f in
+             json.load(open(os.path.join(run, "data_report.json")))["files"]}
+    for path, status in expected.items():
+        if status is None:
+            assert path not in files
+        else:
+            assert files[path]["status"] == status, files[path]
+    assert files[os.path.join("train", "ants", "imageNotFound.gif")]["status"] == "used"

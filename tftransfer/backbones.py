@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Optional, Union
 
 import keras
@@ -196,34 +197,63 @@ def load_backbone(
         kwargs["alpha"] = float(alpha)
     weights = _check_weights(weights)
     constructor = getattr(keras.applications, spec.constructor)
-    try:
-        network = constructor(
+
+    def build(size, weights):
+        return constructor(
             include_top=False,
             weights=weights,
-            input_shape=(image_size, image_size, 3),
+            input_shape=(size, size, 3),
             pooling="avg",
             **kwargs,
         )
+
+    try:
+        network = build(image_size, weights)
     except Exception as error:  # Keras raises a bare Exception on download failure.
-        match = re.search(r"URL fetch failure on (\S+):", str(error))
-        if weights != "imagenet" or not match:
-            raise
-        url = match.group(1)
-        file_name = url.rsplit("/", 1)[-1]
-        raise WeightsUnavailableError(
-            f"ImageNet weights for {spec.name} could not be downloaded ({url}).\n"
-            f"Keras looks for the file {file_name} in {_keras_models_dir()} "
-            f"(set KERAS_HOME to use another folder). To fix it, either:\n"
-            f"  - put {file_name} there (copy it from a machine with network access),\n"
-            f"  - train from random weights: --weights none (weights=None),\n"
-            f"  - or give a weights file: --weights PATH (weights='PATH')."
-        ) from None
+        missing = _offline_error(spec, weights, error)
+        if image_size == spec.default_image_size:
+            raise missing from None
+        # Some families (MobileNet, MobileNetV2) have one weights file per input
+        # size. Without network access, the default size's file, if present, has
+        # the same shapes (the network is fully convolutional without its top),
+        # as Keras itself uses for sizes it has no file for.
+        try:
+            reference = build(spec.default_image_size, weights)
+        except Exception:
+            raise missing from None
+        network = build(image_size, None)
+        network.set_weights(reference.get_weights())
+        warnings.warn(
+            f"No ImageNet weights file for {spec.name} at {image_size} px could be "
+            f"had ({missing.file_name}); using the {spec.default_image_size} px "
+            "weights, which have the same shapes.",
+            stacklevel=2,
+        )
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     features = ImagePreprocessing(spec.preprocessing, name="preprocessing")(inputs)
     features = network(features)
     backbone = keras.Model(inputs, features, name="backbone")
     backbone.trainable = False
     return backbone
+
+
+def _offline_error(spec, weights, error) -> WeightsUnavailableError:
+    """The clear error for a failed weights download; re-raises anything else."""
+    match = re.search(r"URL fetch failure on (\S+):", str(error))
+    if weights != "imagenet" or not match:
+        raise error
+    url = match.group(1)
+    file_name = url.rsplit("/", 1)[-1]
+    missing = WeightsUnavailableError(
+        f"ImageNet weights for {spec.name} could not be downloaded ({url}).\n"
+        f"Keras looks for the file {file_name} in {_keras_models_dir()} "
+        f"(set KERAS_HOME to use another folder). To fix it, either:\n"
+        f"  - put {file_name} there (copy it from a machine with network access),\n"
+        f"  - train from random weights: --weights none (weights=None),\n"
+        f"  - or give a weights file: --weights PATH (weights='PATH')."
+    )
+    missing.file_name = file_name
+    return missing
 
 
 def _check_weights(weights):
