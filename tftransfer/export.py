@@ -71,35 +71,52 @@ def export_saved_model(
     names = tf.constant(list(class_names))
     pixel_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
 
+    # tf.saved_model.save of our own trackable rather than
+    # keras.export.ExportArchive: the archive walks every trackable of the model
+    # looking for resources and traces each endpoint on its own, with autograph;
+    # on MobileNetV2 that took 13 s against 5 s here, for the same SavedModel.
+    # Both signatures call `serve`, so the model is traced once.
+    @tf.function(input_signature=[tf.TensorSpec([None, *pixel_spec.shape])],
+                 autograph=False)
+    def serve(pixels):
+        return _serving_outputs(model, pixels, names)
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+        autograph=False,
+    )
     def serve_bytes(image_bytes):
         pixels = tf.map_fn(
             lambda contents: decode_image(contents, image_size),
             image_bytes,
             fn_output_signature=pixel_spec,
         )
-        return _serving_outputs(model, pixels, names)
+        return serve(pixels)
 
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
+                                       name="images")],
+        autograph=False,
+    )
     def serve_pixels(images):
-        pixels = tf.image.resize(images, [image_size, image_size], method="bilinear")
-        return _serving_outputs(model, pixels, names)
+        return serve(tf.image.resize(images, [image_size, image_size],
+                                     method="bilinear"))
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default",
-        serve_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
-    )
-    archive.add_endpoint(
-        "serve_pixels",
-        serve_pixels,
-        input_signature=[
-            tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
-        ],
-    )
+    # AutoTrackable, as ExportArchive uses, so that the loaded object keeps the
+    # `variables` lists (tf.Module computes its own and cannot be assigned).
+    module = tf.__internal__.tracking.AutoTrackable()
+    module.variables = list(model.variables)
+    module.trainable_variables = list(model.trainable_variables)
+    module.non_trainable_variables = list(model.non_trainable_variables)
+    module.serving_default = serve_bytes
+    module.serve_pixels = serve_pixels
 
     def write(tmp_dir):
-        archive.write_out(tmp_dir, verbose=False)
+        tf.saved_model.save(
+            module,
+            tmp_dir,
+            signatures={"serving_default": serve_bytes, "serve_pixels": serve_pixels},
+        )
         os.makedirs(os.path.join(tmp_dir, "assets"), exist_ok=True)
         write_labels(os.path.join(tmp_dir, "assets", "labels.txt"), class_names)
 
