@@ -3,9 +3,13 @@
 Each contender runs as its own process and is timed whole (imports, model build,
 training and, for tftransfer, export included):
 
-  recipe   image_dataset_from_directory, frozen base inside the model, fit
-  tftransfer  `tftransfer train` (features computed once, head trained on them)
-  limit    one bare forward pass of the backbone over every image
+  recipe      image_dataset_from_directory, frozen base inside the model, fit
+  cold        `tftransfer train` with an empty feature cache: features computed
+              once, written to the cache, head trained on them, model exported
+  warm        the same command again (--overwrite), the cache now full
+  limit       one bare forward pass of the backbone over every image
+
+Peak memory (max RSS) of each process is measured with `os.wait4`.
 
 Usage:
   KERAS_HOME=<copy of ../shared/weights/keras> python benchmarks/frozen_phase.py \
@@ -57,12 +61,20 @@ print(json.dumps({"forward_seconds": __import__("time").perf_counter() - start})
 
 
 def timed(command):
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"{command[:3]} failed:\n{result.stderr[-3000:]}")
-    return seconds, json.loads(result.stdout.strip().splitlines()[-1])
+    """Runs a command; returns (wall seconds, its last JSON line + peak RSS MiB)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"{command[:4]} failed:\n{err.read()[-3000:]}")
+        result = json.loads(out.read().strip().splitlines()[-1])
+    if isinstance(result, dict):
+        result["peak_rss_mib"] = round(usage.ru_maxrss / 1024)
+    return seconds, result
 
 
 def main():
@@ -71,31 +83,43 @@ def main():
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--alpha", type=float, default=0.75)
+    parser.add_argument("--no-recipe", action="store_true",
+                        help="skip the recipe (it needs train/ and val/ folders)")
     args = parser.parse_args()
     size, alpha = str(args.image_size), str(args.alpha)
     results = {}
-    seconds, out = timed([sys.executable, "-c", RECIPE, args.data_dir, size,
-                          str(args.epochs), alpha])
-    results["recipe"] = {"seconds": seconds, **out}
+    if not args.no_recipe:
+        seconds, out = timed([sys.executable, "-c", RECIPE, args.data_dir, size,
+                              str(args.epochs), alpha])
+        results["recipe"] = {"seconds": seconds, **out}
     with tempfile.TemporaryDirectory() as tmp:
-        seconds, out = timed([sys.executable, "-m", "tftransfer", "train",
-                              args.data_dir, "--output", os.path.join(tmp, "run"),
-                              "--backbone", "mobilenet", "--alpha", alpha,
-                              "--image-size", size, "--epochs", str(args.epochs),
-                              "--json"])
-    results["tftransfer"] = {"seconds": seconds, "val_accuracy": out["val_accuracy"]}
+        command = [sys.executable, "-m", "tftransfer", "train", args.data_dir,
+                   "--output", os.path.join(tmp, "run"), "--backbone", "mobilenet",
+                   "--alpha", alpha, "--image-size", size, "--epochs",
+                   str(args.epochs), "--cache-dir", os.path.join(tmp, "cache"),
+                   "--json"]
+        for name, extra in (("cold", []), ("warm", ["--overwrite"])):
+            seconds, out = timed(command + extra)
+            results[name] = {"seconds": seconds, "val_accuracy": out["val_accuracy"],
+                             "peak_rss_mib": out["peak_rss_mib"],
+                             "from_cache": out["features"]["hits"]}
     seconds, out = timed([sys.executable, "-c", LIMIT, args.data_dir, size, alpha])
     results["limit"] = {"seconds": seconds, **out}
-    recipe, ours = results["recipe"], results["tftransfer"]
-    print(f"{'':12s} {'wall s':>8s} {'val_acc':>8s}")
+    limit = results["limit"]
+    recipe = results.get("recipe", {"seconds": float("nan"), "val_accuracy": float("nan")})
+    print(f"{'':8s} {'wall s':>8s} {'val_acc':>8s} {'RSS MiB':>8s}")
     for name, row in results.items():
         accuracy = row.get("val_accuracy")
-        print(f"{name:12s} {row['seconds']:8.1f} "
-              f"{accuracy if accuracy is None else round(accuracy, 4)!s:>8s}")
-    print(f"speed-up over the recipe: {recipe['seconds'] / ours['seconds']:.2f}x")
-    print(f"tftransfer / bare forward pass (process): "
-          f"{ours['seconds'] / results['limit']['seconds']:.2f}x; "
-          f"forward pass alone {results['limit']['forward_seconds']:.1f} s")
+        print(f"{name:8s} {row['seconds']:8.1f} "
+              f"{accuracy if accuracy is None else round(accuracy, 4)!s:>8s} "
+              f"{row['peak_rss_mib']:8d}")
+    for name in ("cold", "warm"):
+        row = results[name]
+        print(f"{name}: {recipe['seconds'] / row['seconds']:.2f}x faster than the "
+              f"recipe; {row['seconds'] / limit['seconds']:.2f}x the bare-forward "
+              f"process, {row['seconds'] / limit['forward_seconds']:.2f}x the pass "
+              f"alone ({limit['forward_seconds']:.1f} s); accuracy "
+              f"{row['val_accuracy'] - recipe['val_accuracy']:+.3f} vs the recipe")
     print(json.dumps(results))
 
 

@@ -4,6 +4,7 @@ Keras fixes its home folder at import, so KERAS_HOME is pointed at a copy of the
 shared ImageNet weights here, before any test module imports Keras.
 """
 
+import atexit
 import json
 import os
 import shutil
@@ -26,9 +27,11 @@ if os.path.isdir(os.path.join(SHARED, "weights", "keras")):
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
     os.environ["KERAS_HOME"] = _keras_home
+    atexit.register(shutil.rmtree, _keras_home, ignore_errors=True)
 
 # Tests never write to the user's feature cache.
 os.environ["TFTRANSFER_CACHE_DIR"] = tempfile.mkdtemp(prefix="tftransfer-cache-")
+atexit.register(shutil.rmtree, os.environ["TFTRANSFER_CACHE_DIR"], ignore_errors=True)
 
 
 def shared_path(*parts):
