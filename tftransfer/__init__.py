@@ -7,7 +7,9 @@ from tftransfer.backbones import (
     get_backbone_spec,
     load_backbone,
     register_backbone,
+    split_backbone,
 )
+from tftransfer.cache import FeatureCache, cached_outputs, default_cache_dir
 from tftransfer.data import (
     ImageFolder,
     decode_image,
@@ -15,6 +17,8 @@ from tftransfer.data import (
     make_dataset,
     scan_image_folder,
 )
+from tftransfer.distill import Distiller, distillation_loss
+from tftransfer.distill_run import DistillConfig, distill_run, load_teacher
 from tftransfer.errors import (
     DataError,
     RunFolderError,
@@ -25,13 +29,21 @@ from tftransfer.evaluate import ServedModel, evaluate_folder, predict_paths
 from tftransfer.export import export_saved_model, export_tflite
 from tftransfer.heads import build_classifier, build_head
 from tftransfer.run import TrainConfig, train_run
-from tftransfer.train import compute_features, fine_tune, unfreeze_top
+from tftransfer.train import (
+    balanced_class_weights,
+    compute_features,
+    fine_tune,
+    unfreeze_top,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackboneSpec",
     "DataError",
+    "DistillConfig",
+    "Distiller",
+    "FeatureCache",
     "ImageFolder",
     "ImagePreprocessing",
     "RunFolderError",
@@ -40,10 +52,15 @@ __all__ = [
     "TransferError",
     "WeightsUnavailableError",
     "backbone_names",
+    "balanced_class_weights",
     "build_classifier",
     "build_head",
+    "cached_outputs",
     "compute_features",
     "decode_image",
+    "default_cache_dir",
+    "distill_run",
+    "distillation_loss",
     "evaluate_folder",
     "export_saved_model",
     "export_tflite",
@@ -51,10 +68,12 @@ __all__ = [
     "get_backbone_spec",
     "image_folder_datasets",
     "load_backbone",
+    "load_teacher",
     "make_dataset",
     "predict_paths",
     "register_backbone",
     "scan_image_folder",
+    "split_backbone",
     "train_run",
     "unfreeze_top",
 ]

@@ -246,10 +246,11 @@ def cached_outputs(
     half-way keeps what it computed.
 
     Args:
-        network: A frozen model taking pixels in 0..255.
+        network: A frozen model taking pixels in 0..255; or, with
+            `image_size=None`, a callable taking a batch of encoded image bytes.
         paths: Image files.
         digests: SHA-256 of each file's content, as from `scan_image_folder`.
-        image_size: Side images are resized to.
+        image_size: Side images are resized to, or `None` to pass raw bytes.
         cache: A `FeatureCache`, or `None` to compute everything in memory.
         batch_size: Defaults to `32`.
         keep: Return the outputs as one array. With `False` (outputs too big to
@@ -274,15 +275,26 @@ def cached_outputs(
     for index in todo:
         unique.setdefault(digests[index], index)
     if unique:
-        forward = tf.function(
-            lambda pixels: network(pixels, training=False),
-            input_signature=[tf.TensorSpec([None, image_size, image_size, 3])],
-        )
         order = list(unique.values())
-        dataset = make_dataset(
-            [paths[i] for i in order], np.array(order, "int32"), image_size,
-            batch_size,
-        )
+        indices = np.array(order, "int32")
+        if image_size is None:
+            # The network decodes itself (an exported SavedModel's raw-bytes
+            # signature), so it sees exactly what it sees when serving.
+            forward = network
+            dataset = (
+                tf.data.Dataset.from_tensor_slices(([paths[i] for i in order], indices))
+                .map(lambda path, index: (tf.io.read_file(path), index),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(batch_size)
+                .prefetch(tf.data.AUTOTUNE)
+            )
+        else:
+            forward = tf.function(
+                lambda pixels: network(pixels, training=False),
+                input_signature=[tf.TensorSpec([None, image_size, image_size, 3])],
+            )
+            dataset = make_dataset([paths[i] for i in order], indices, image_size,
+                                   batch_size)
         steps = -(-len(order) // batch_size)
         bar = keras.utils.Progbar(
             steps, unit_name="batch", verbose=1 if verbose == "auto" else verbose

@@ -133,6 +133,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(train)
 
+    distill = commands.add_parser(
+        "distill",
+        help="distil a trained teacher into a smaller student",
+        description="Train a student classifier on DATA_DIR to match a teacher's "
+        "softened outputs and the labels; write a run folder like `train`.",
+    )
+    distill.add_argument("data_dir", metavar="DATA_DIR")
+    distill.add_argument(
+        "--teacher",
+        required=True,
+        metavar="MODEL",
+        help="a run folder, a .keras file or a tftransfer SavedModel",
+    )
+    distill.add_argument(
+        "--output", "-o", metavar="RUN_DIR",
+        help="run folder (default: saved_models/<data>-distilled-<student>)",
+    )
+    distill.add_argument(
+        "--student", default="mobilenet_v2", metavar="NAME",
+        help="student backbone (default: mobilenet_v2)",
+    )
+    distill.add_argument("--alpha", type=float, help="student width multiplier")
+    distill.add_argument(
+        "--weights", default="imagenet", type=_weights,
+        metavar="imagenet|none|PATH", help="student backbone weights (default: imagenet)",
+    )
+    distill.add_argument(
+        "--image-size", type=int, metavar="N",
+        help="image side in pixels (default: the teacher's)",
+    )
+    distill.add_argument("--temperature", type=float, default=3.0, metavar="T",
+                         help="softens both distributions (default: 3)")
+    distill.add_argument(
+        "--student-loss-weight", type=float, default=0.5, metavar="W",
+        help="weight of the hard-label loss; 1-W goes to matching the teacher "
+        "(default: 0.5)",
+    )
+    distill.add_argument("--epochs", type=int, default=5, metavar="N",
+                         help="epochs with the student's backbone frozen (default: 5)")
+    distill.add_argument("--fine-tune-epochs", type=int, default=0, metavar="N",
+                         help="epochs with the top of its backbone unfrozen "
+                         "(default: 0)")
+    distill.add_argument("--batch-size", type=int, default=32, metavar="N")
+    distill.add_argument("--learning-rate", type=float, default=1e-3, metavar="LR")
+    distill.add_argument("--seed", type=int, default=0, metavar="S")
+    distill.add_argument("--cache-dir", metavar="DIR", help="feature cache folder")
+    distill.add_argument("--no-cache", action="store_true",
+                         help="compute teacher logits and features in memory")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="replace a finished run in RUN_DIR")
+    _add_json(distill)
+
     evaluate = commands.add_parser(
         "evaluate",
         help="evaluate an exported model on an image folder",
@@ -201,6 +253,39 @@ def _train(args):
         lines.append(f"resumed from epoch {summary['resumed_from_epoch']}")
     lines.append(f"run folder: {summary['run_dir']}")
     lines.append(f"SavedModel for serving: {summary['saved_model']}")
+    return summary, lines
+
+
+def _distill(args):
+    from tftransfer.distill_run import DistillConfig, distill_run
+
+    summary = distill_run(
+        DistillConfig(
+            data_dir=args.data_dir,
+            teacher=args.teacher,
+            output=args.output,
+            student=args.student,
+            alpha=args.alpha,
+            weights=args.weights,
+            image_size=args.image_size,
+            temperature=args.temperature,
+            student_loss_weight=args.student_loss_weight,
+            epochs=args.epochs,
+            fine_tune_epochs=args.fine_tune_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+            cache=not args.no_cache,
+            overwrite=args.overwrite,
+        )
+    )
+    lines = [
+        f"student val_accuracy {summary['val_accuracy']:.4f} (teacher "
+        f"{summary['teacher_val_accuracy']:.4f}) after {summary['seconds']:.1f} s",
+        f"run folder: {summary['run_dir']}",
+        f"SavedModel for serving: {summary['saved_model']}",
+    ]
     return summary, lines
 
 
@@ -277,6 +362,7 @@ def _backbones(args):
 
 COMMANDS = {
     "train": _train,
+    "distill": _distill,
     "evaluate": _evaluate,
     "predict": _predict,
     "demo": _demo,

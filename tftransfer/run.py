@@ -159,7 +159,8 @@ def _say(config, message):
         print(message, flush=True)
 
 
-def _check_run_folder(output: str, overwrite: bool) -> None:
+def check_run_folder(output: str, overwrite: bool) -> None:
+    """Refuses a run folder that holds a finished run, unless `overwrite`."""
     if os.path.exists(os.path.join(output, "metrics.json")) and not overwrite:
         raise RunFolderError(
             f"{output} holds a finished run already. Nothing was changed. "
@@ -198,7 +199,8 @@ def _run_settings(config: TrainConfig, folder: ImageFolder) -> dict:
     return settings
 
 
-def _read_history(path: str) -> dict:
+def read_history(path: str) -> dict:
+    """`history.csv` as a dict of per-epoch metric lists, like `History.history`."""
     history = {}
     if os.path.exists(path):
         with open(path, newline="") as handle:
@@ -388,6 +390,32 @@ class _Phases:
         return cache is not None
 
 
+def begin_run(config) -> tuple:
+    """Checks the run folder and the data of a `train` or `distill` run.
+
+    Everything that can fail on the user's input fails here, before anything is
+    written. Returns `(output folder, ImageFolder, data report)`.
+    """
+    output = os.path.abspath(config.output)
+    check_run_folder(output, config.overwrite)
+    keras.utils.set_random_seed(config.seed)
+    _say(config, f"Checking images in {config.data_dir} ...")
+    folder = scan_image_folder(config.data_dir, config.validation_split, config.seed,
+                               progress=config.verbose != 0)
+    report = data_report(folder)
+    _say(config, summarize_data(report))
+    return output, folder, report
+
+
+def write_model_files(model: keras.Model, output: str, class_names: list) -> str:
+    """Writes `model.keras`, `labels.txt` and `saved_model/`; returns the latter."""
+    save_keras_model(model, os.path.join(output, "model.keras"))
+    write_labels(os.path.join(output, "labels.txt"), class_names)
+    return export_saved_model(
+        model, os.path.join(output, "saved_model"), class_names, overwrite=True
+    )
+
+
 def train_run(config: TrainConfig) -> dict:
     """Trains a classifier on an image folder and writes a complete run folder.
 
@@ -411,15 +439,7 @@ def train_run(config: TrainConfig) -> dict:
             one with other settings, and `overwrite` is False.
     """
     start = time.perf_counter()
-    output = os.path.abspath(config.output)
-    # Everything that can fail on the user's input fails before anything is written.
-    _check_run_folder(output, config.overwrite)
-    keras.utils.set_random_seed(config.seed)
-    _say(config, f"Checking images in {config.data_dir} ...")
-    folder = scan_image_folder(config.data_dir, config.validation_split, config.seed,
-                               progress=config.verbose != 0)
-    report = data_report(folder)
-    _say(config, summarize_data(report))
+    output, folder, report = begin_run(config)
     imbalance = class_imbalance(report)
     if imbalance > IMBALANCE_WARNING:
         advice = ("" if config.class_weight == "auto"
@@ -468,7 +488,7 @@ def train_run(config: TrainConfig) -> dict:
     phases.head_phase()
     head_report = dict(phases.report)
     from_activations = phases.fine_tune_phase()
-    history = _read_history(history_path)
+    history = read_history(history_path)
     metrics = {
         "val_accuracy": history["val_accuracy"][-1],
         "val_loss": history["val_loss"][-1],
@@ -482,14 +502,10 @@ def train_run(config: TrainConfig) -> dict:
         evaluations["test"] = data.test
     for split, dataset in evaluations.items():
         prefix = {"validation": "val"}.get(split, split)
-        loss, accuracy = _evaluate(model, dataset)
+        loss, accuracy = evaluate_classifier(model, dataset)
         metrics.update({f"{prefix}_accuracy": accuracy, f"{prefix}_loss": loss})
 
-    _save_keras_model(model, os.path.join(output, "model.keras"))
-    write_labels(os.path.join(output, "labels.txt"), folder.class_names)
-    saved_model = export_saved_model(
-        model, os.path.join(output, "saved_model"), folder.class_names, overwrite=True
-    )
+    saved_model = write_model_files(model, output, folder.class_names)
     counts = report["counts"]
     summary = {
         **metrics,
@@ -522,7 +538,7 @@ def train_run(config: TrainConfig) -> dict:
     return summary
 
 
-def _evaluate(model: keras.Model, dataset) -> tuple:
+def evaluate_classifier(model: keras.Model, dataset) -> tuple:
     """Loss and accuracy of `model` on `(pixels, label)` batches.
 
     Not `model.evaluate`, which needs `compile`, and a compiled model would be
@@ -540,7 +556,8 @@ def _evaluate(model: keras.Model, dataset) -> tuple:
     return float(loss.result()), float(accuracy.result())
 
 
-def _save_keras_model(model: keras.Model, path: str) -> None:
+def save_keras_model(model: keras.Model, path: str) -> None:
+    """Saves to a temporary file, then renames: a kill never leaves half a file."""
     tmp = path + ".partial.keras"
     model.save(tmp)
     os.replace(tmp, path)

@@ -1,0 +1,166 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import last_json
+
+from tftransfer import ServedModel
+from tftransfer.cli import main
+from tftransfer.distill import Distiller, distillation_loss
+
+TEMPERATURE, WEIGHT = 2.5, 0.3
+
+
+def _dense(seed, inputs=4, classes=3):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(classes)])
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_loss_equals_hand_computation_and_keras_distiller():
+    teacher, student = _dense(1), _dense(2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, 16).astype("int32")
+    t, s = teacher(x).numpy(), student(x).numpy()
+
+    p, q = _softmax(t / TEMPERATURE), _softmax(s / TEMPERATURE)
+    kl = np.mean(np.sum(p * np.log(p / q), -1)) * TEMPERATURE**2
+    cross_entropy = np.mean(-np.log(_softmax(s)[np.arange(16), y]))
+    expected = WEIGHT * cross_entropy + (1 - WEIGHT) * kl
+    np.testing.assert_allclose(distillation_loss(t, s, TEMPERATURE), kl, rtol=1e-5)
+
+    ours = Distiller(teacher, student, temperature=TEMPERATURE,
+                     student_loss_weight=WEIGHT)
+    ours.compile(optimizer="adam")
+    result = ours.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(result["student_loss"], cross_entropy, rtol=1e-5)
+    np.testing.assert_allclose(result["distillation_loss"], kl, rtol=1e-5)
+
+    # A `KLDivergence` instance, not the default "kl_divergence" string: Keras
+    # 3.15 resolves the string to a plain function, which skips the softmax and
+    # the T^2 factor and applies KL to the scaled logits themselves.
+    peer = keras.distillation.Distiller(
+        teacher, student, keras.distillation.LogitsDistillation(
+            TEMPERATURE, loss=keras.losses.KLDivergence()),
+        student_loss_weight=WEIGHT)
+    peer.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    peer_loss = peer.compute_loss(x=x, y=y, y_pred=student(x), training=False)
+    np.testing.assert_allclose(result["loss"], float(peer_loss), rtol=1e-5)
+
+
+def test_training_changes_only_the_student():
+    teacher, student = _dense(1), _dense(2)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = teacher(x).numpy().argmax(-1)
+    teacher_before = [w.copy() for w in teacher.get_weights()]
+    student_before = [w.copy() for w in student.get_weights()]
+    distiller = Distiller(teacher, student, temperature=TEMPERATURE)
+    distiller.compile(optimizer=keras.optimizers.Adam(0.05))
+    history = distiller.fit(x, y, epochs=20, batch_size=16, verbose=0)
+    for before, after in zip(teacher_before, teacher.get_weights()):
+        assert np.array_equal(before, after)
+    assert all(not np.array_equal(b, a)
+               for b, a in zip(student_before, student.get_weights()))
+    assert history.history["distillation_loss"][-1] < history.history[
+        "distillation_loss"][0]
+    assert history.history["accuracy"][-1] >= 0.9
+
+    # Precomputed teacher logits give the same step as running the teacher.
+    twin = _dense(2)
+    twin.set_weights(student_before)
+    student.set_weights(student_before)
+    for model, data in ((student, x), (twin, {"inputs": x,
+                                              "teacher_logits": teacher(x)})):
+        step = Distiller(teacher if model is student else None, model,
+                         temperature=TEMPERATURE)
+        step.compile(optimizer=keras.optimizers.SGD(0.1))
+        step.fit(data, y, epochs=1, batch_size=64, shuffle=False, verbose=0)
+    for a, b in zip(student.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_mixed_precision_scales_the_loss_and_trains():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        teacher, student = _dense(1), _dense(2)
+        distiller = Distiller(teacher, student)
+        distiller.compile(optimizer=keras.optimizers.Adam(0.05))
+        assert isinstance(distiller.optimizer, keras.optimizers.LossScaleOptimizer)
+        x = np.random.default_rng(2).normal(size=(64, 4)).astype("float32")
+        y = teacher(x).numpy().argmax(-1)
+        history = distiller.fit(x, y, epochs=15, batch_size=16, verbose=0)
+        assert np.isfinite(history.history["loss"]).all()
+        assert history.history["loss"][-1] < history.history["loss"][0]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_config_round_trip():
+    distiller = Distiller(_dense(1), _dense(2), temperature=4.0,
+                          student_loss_weight=0.2)
+    clone = Distiller.from_config(distiller.get_config())
+    assert (clone.temperature, clone.student_loss_weight) == (4.0, 0.2)
+    assert clone.student.output_shape == (None, 3)
+
+
+def test_distill_command_writes_a_served_student(trained_run, scenes_dir, tmp_path,
+                                                  capsys):
+    run = str(tmp_path / "student")
+    args = ["distill", scenes_dir, "--teacher", trained_run, "--output", run,
+            "--student", "vgg16", "--weights", "none", "--epochs", "15",
+            "--learning-rate", "0.01", "--json"]
+    assert main(args) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["image_size"] == 32  # the teacher's
+    assert summary["val_accuracy"] >= 0.8
+    served = ServedModel(summary["saved_model"])
+    model = keras.saving.load_model(summary["model"])
+    samples = [os.path.join(scenes_dir, c, f"{c}_003.jpg")
+               for c in ("desert", "forest", "ocean")]
+    from tftransfer.data import decode_image
+
+    pixels = tf.stack([decode_image(tf.io.read_file(p), 32) for p in samples])
+    np.testing.assert_allclose(served.predict_files(samples),
+                               tf.nn.softmax(model(pixels)).numpy(), atol=1e-4)
+
+    # The teacher's logits came from the cache the second time; a SavedModel
+    # teacher gives the same logits through its raw-bytes signature.
+    assert main([*args[:-1], "--overwrite", "--json"]) == 0
+    again = last_json(capsys.readouterr().out)
+    assert again["val_accuracy"] == summary["val_accuracy"]
+    from_saved_model = [*args[:3], os.path.join(trained_run, "saved_model"),
+                        *args[4:-1], "--image-size", "32", "--output",
+                        str(tmp_path / "student2"), "--json"]
+    assert main(from_saved_model) == 0
+    assert last_json(capsys.readouterr().out)["val_accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize("problem", ["classes", "size"])
+def test_mismatched_teacher_is_refused_before_training(trained_run, scenes_dir,
+                                                       tmp_path, capsys, problem):
+    data = scenes_dir
+    extra = []
+    if problem == "classes":
+        import shutil
+
+        data = str(tmp_path / "two")
+        for name in ("desert", "forest"):
+            shutil.copytree(os.path.join(scenes_dir, name), os.path.join(data, name))
+    else:
+        extra = ["--image-size", "48"]
+    run = tmp_path / "student"
+    assert main(["distill", data, "--teacher", trained_run, "--output", str(run),
+                 "--student", "vgg16", "--weights", "none", *extra]) == 2
+    error = capsys.readouterr().err
+    assert ("classes" in error) if problem == "classes" else ("32 px" in error)
+    assert "Traceback" not in error and not run.exists()

@@ -1,0 +1,198 @@
+"""Knowledge distillation: a student learns from a teacher's softened outputs.
+
+`Distiller` follows the keras-io "Knowledge Distillation" example: a
+`keras.Model` subclass whose `train_step` runs the frozen teacher outside the
+gradient tape and the student inside it. Unlike `keras.distillation.Distiller`,
+which runs the teacher on every batch of every epoch, it also accepts the
+teacher's logits precomputed: `distill_run` computes them once per image (cached
+on disk like backbone features), and when the student's backbone is frozen it
+trains the student's head on cached features, so distilling a head costs one
+forward pass of each network.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+TEACHER_LOGITS = "teacher_logits"
+INPUTS = "inputs"
+
+
+def distillation_loss(teacher_logits, student_logits, temperature: float):
+    """`KL(softmax(t/T) || softmax(s/T)) * T^2`, averaged over the batch.
+
+    The `T^2` factor keeps the soft targets' gradients on the same scale as the
+    hard targets' when the temperature changes (Hinton et al., 2015). The KL
+    divergence is Keras' (`keras.losses.KLDivergence`, with its clipping), so the
+    value equals `keras.distillation.LogitsDistillation`'s.
+    """
+    teacher = keras.ops.softmax(
+        keras.ops.cast(teacher_logits, "float32") / temperature, axis=-1
+    )
+    student = keras.ops.softmax(
+        keras.ops.cast(student_logits, "float32") / temperature, axis=-1
+    )
+    divergence = keras.losses.KLDivergence(reduction=None)(teacher, student)
+    return keras.ops.mean(divergence) * temperature**2
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class Distiller(keras.Model):
+    """Trains a student to match a frozen teacher's outputs and the labels.
+
+    The loss is `w * student_loss(y, s) + (1 - w) * distillation_loss(t, s)`
+    with `w = student_loss_weight`, `s` the student's logits, `t` the teacher's.
+    Gradients reach only the student's trainable weights; the teacher is called
+    with `training=False` outside the gradient tape, and not at all when the
+    batch carries its logits: `x` may be a dict `{"inputs": images,
+    "teacher_logits": logits}`.
+
+    Args:
+        teacher: A `keras.Model` returning logits. It is frozen. May be `None`
+            when every batch carries the teacher's logits.
+        student: A `keras.Model` returning logits for the same classes.
+        temperature: Softens both distributions. Defaults to `3.0`.
+        student_loss_weight: `w` above, between 0 and 1. Defaults to `0.5`,
+            as `keras.distillation.Distiller`'s.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> distiller = Distiller(teacher, student, temperature=2.0)
+    >>> distiller.compile(optimizer="adam")
+    >>> x, y = np.ones((8, 4), "float32"), np.zeros((8,), "int32")
+    >>> history = distiller.fit(x, y, epochs=1, verbose=0)
+    >>> sorted(history.history)
+    ['accuracy', 'distillation_loss', 'loss', 'student_loss']
+    """
+
+    def __init__(
+        self,
+        teacher: keras.Model,
+        student: keras.Model,
+        temperature: float = 3.0,
+        student_loss_weight: float = 0.5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(
+                f"`temperature` must be > 0. Received: temperature={temperature}"
+            )
+        if not 0.0 <= student_loss_weight <= 1.0:
+            raise ValueError(
+                "`student_loss_weight` must be between 0 and 1. "
+                f"Received: student_loss_weight={student_loss_weight}"
+            )
+        self.teacher = teacher
+        self.student = student
+        if teacher is not None:
+            self.teacher.trainable = False
+        self.temperature = float(temperature)
+        self.student_loss_weight = float(student_loss_weight)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
+        self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
+
+    def compile(self, optimizer="adam", student_loss=None, metrics=("accuracy",),
+                **kwargs):
+        """Configures training.
+
+        Args:
+            optimizer: Defaults to `"adam"`.
+            student_loss: The hard-label loss. Defaults to sparse categorical
+                cross-entropy on logits.
+            metrics: Metrics of the student's predictions against the labels.
+                Defaults to `("accuracy",)`.
+        """
+        self.student_loss = student_loss or keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True
+        )
+        super().compile(optimizer=optimizer, metrics=list(metrics or []), **kwargs)
+
+    @property
+    def metrics(self):
+        # The default loss tracker is left out: ours reports the combined loss.
+        compiled = [m for m in super().metrics if m.name != "loss"]
+        return [self.loss_tracker, self.student_loss_tracker,
+                self.distillation_loss_tracker, *compiled]
+
+    def call(self, inputs, training=None):
+        if isinstance(inputs, dict):
+            inputs = inputs[INPUTS]
+        return self.student(inputs, training=training)
+
+    def _split(self, x):
+        inputs, teacher_logits = (x[INPUTS], x.get(TEACHER_LOGITS)) if isinstance(
+            x, dict) else (x, None)
+        if teacher_logits is None:
+            if self.teacher is None:
+                raise ValueError(
+                    "This Distiller has no teacher model, so each batch must carry "
+                    f"the teacher's logits: x = {{'{INPUTS}': ..., "
+                    f"'{TEACHER_LOGITS}': ...}}."
+                )
+            teacher_logits = self.teacher(inputs, training=False)
+        return inputs, teacher_logits
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # The teacher runs here, outside the tape: no gradient can reach it.
+        inputs, teacher_logits = self._split(x)
+        teacher_logits = tf.stop_gradient(teacher_logits)
+        with tf.GradientTape() as tape:
+            student_logits = self.student(inputs, training=True)
+            student_loss = self.student_loss(y, student_logits, sample_weight)
+            soft_loss = distillation_loss(teacher_logits, student_logits,
+                                          self.temperature)
+            loss = (self.student_loss_weight * student_loss
+                    + (1.0 - self.student_loss_weight) * soft_loss)
+            # Under mixed precision a LossScaleOptimizer scales the loss here and
+            # unscales the gradients in `apply`; otherwise this is the identity.
+            scaled_loss = self.optimizer.scale_loss(loss)
+        variables = self.student.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply(gradients, variables)
+        return self._update_metrics(x, y, student_logits, sample_weight, loss,
+                                    student_loss, soft_loss)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, teacher_logits = self._split(x)
+        student_logits = self.student(inputs, training=False)
+        student_loss = self.student_loss(y, student_logits, sample_weight)
+        soft_loss = distillation_loss(teacher_logits, student_logits, self.temperature)
+        loss = (self.student_loss_weight * student_loss
+                + (1.0 - self.student_loss_weight) * soft_loss)
+        return self._update_metrics(x, y, student_logits, sample_weight, loss,
+                                    student_loss, soft_loss)
+
+    def _update_metrics(self, x, y, student_logits, sample_weight, loss,
+                        student_loss, soft_loss):
+        self.loss_tracker.update_state(loss)
+        self.student_loss_tracker.update_state(student_loss)
+        self.distillation_loss_tracker.update_state(soft_loss)
+        return self.compute_metrics(x, y, student_logits, sample_weight)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            "student": keras.saving.serialize_keras_object(self.student),
+            "temperature": self.temperature,
+            "student_loss_weight": self.student_loss_weight,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Optional[dict] = None):
+        config = dict(config)
+        for name in ("teacher", "student"):
+            config[name] = keras.saving.deserialize_keras_object(
+                config[name], custom_objects=custom_objects
+            )
+        return cls(**config)

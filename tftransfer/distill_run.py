@@ -1,0 +1,359 @@
+"""A distillation run: a teacher model and an image folder in, a run folder out.
+
+Same run-folder layout as `train_run` (`saved_model/`, `model.keras`,
+`labels.txt`, `history.csv`, `data_report.json`, `metrics.json` last). The
+teacher's logits for each image are computed once and cached; with the student's
+backbone frozen (the default), its features are cached too (the same entries as
+`train` uses), and the `Distiller` trains the student's head on
+`(features, teacher logits, label)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Callable, NamedTuple, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.backbones import get_backbone_spec, load_backbone
+from tftransfer.cache import (
+    cached_outputs,
+    default_cache_dir,
+    feature_cache_key,
+    open_cache,
+    weights_fingerprint,
+)
+from tftransfer.data import decode_image
+from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
+from tftransfer.errors import DataError, TransferError
+from tftransfer.heads import build_classifier
+from tftransfer.run import (
+    begin_run,
+    read_history,
+    write_json_atomically,
+    write_model_files,
+)
+from tftransfer.train import HistoryCSV, default_fine_tune_layers, unfreeze_top
+
+
+class Teacher(NamedTuple):
+    """A loaded teacher: see `load_teacher`."""
+
+    forward: Callable  # pixels (raw bytes when image_size is None) -> logits
+    model: Optional[keras.Model]
+    class_names: Optional[list]
+    image_size: Optional[int]
+    fingerprint: str
+    path: str
+
+
+def _read_labels(path: str) -> Optional[list]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return [line.rstrip("\n") for line in handle if line.strip()]
+
+
+def load_teacher(path: str) -> Teacher:
+    """Loads a teacher from a run folder, a `.keras` file or a SavedModel.
+
+    A run folder or `.keras` file gives a Keras model taking pixels 0..255 and
+    returning logits. A tftransfer SavedModel is called through its raw-bytes
+    signature, so it decodes images exactly as it does when serving; its logits
+    are the log of its probabilities (equal to the logits up to a constant, which
+    softmax ignores).
+
+    Raises:
+        TransferError: `path` is none of these.
+    """
+    path = os.path.abspath(os.fspath(path))
+    model_file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
+    if model_file.endswith(".keras") and os.path.isfile(model_file):
+        import tftransfer  # noqa: F401  (registers ImagePreprocessing for loading)
+
+        model = keras.saving.load_model(model_file, compile=False)
+        model.trainable = False
+        labels = _read_labels(os.path.join(os.path.dirname(model_file), "labels.txt"))
+        return Teacher(
+            lambda pixels: model(pixels, training=False),
+            model,
+            labels,
+            int(model.input_shape[1]),
+            weights_fingerprint(model),
+            model_file,
+        )
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        loaded = tf.saved_model.load(path)
+        if "serving_default" not in loaded.signatures:
+            raise TransferError(f"The SavedModel {path} has no serving_default signature.")
+        signature = loaded.signatures["serving_default"]
+        if "probabilities" not in signature.structured_outputs:
+            raise TransferError(
+                f"The SavedModel {path} is not a tftransfer export: its "
+                "serving_default signature returns no 'probabilities'. Give a run "
+                "folder, a .keras file or a tftransfer SavedModel."
+            )
+        digest = hashlib.sha256()
+        for variable in loaded.variables:
+            digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+
+        def forward(image_bytes):
+            probabilities = signature(image_bytes=image_bytes)["probabilities"]
+            return tf.math.log(tf.maximum(probabilities, 1e-12))
+
+        return Teacher(forward, None,
+                       _read_labels(os.path.join(path, "assets", "labels.txt")),
+                       None, digest.hexdigest(), path)
+    raise TransferError(
+        f"No teacher model at {path}. Expected a tftransfer run folder, a .keras "
+        "file or a tftransfer SavedModel folder."
+    )
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Settings of `distill_run`; the command line's `distill` options.
+
+    Args:
+        data_dir: Folder of class folders (or of train/ and val/ split folders).
+        teacher: A run folder, `.keras` file or SavedModel (see `load_teacher`).
+        output: The run folder. Defaults to `saved_models/<data>-distilled-<student>`.
+        student: Student backbone name. Defaults to `"mobilenet_v2"`.
+        alpha: Student width multiplier. Defaults to `None`.
+        weights: Student backbone weights. Defaults to `"imagenet"`.
+        image_size: Defaults to the teacher's input size (the student
+            backbone's default for a SavedModel teacher).
+        temperature: Defaults to `3.0`.
+        student_loss_weight: Weight of the hard-label loss. Defaults to `0.5`.
+        epochs: Epochs with the student's backbone frozen. Defaults to `5`.
+        fine_tune_epochs: Epochs with the top of its backbone unfrozen.
+            Defaults to `0`.
+        batch_size: Defaults to `32`.
+        learning_rate: Defaults to `1e-3` (`/10` while fine-tuning).
+        validation_split: Used when the data has no split folders.
+        seed: Defaults to `0`.
+        dropout: Head dropout. Defaults to `0.2`.
+        cache_dir: Defaults to `default_cache_dir()`.
+        cache: Keep teacher logits and student features on disk. Defaults to `True`.
+        overwrite: Replace a finished run. Defaults to `False`.
+        verbose: Defaults to `"auto"`.
+    """
+
+    data_dir: str
+    teacher: str
+    output: Optional[str] = None
+    student: str = "mobilenet_v2"
+    alpha: Optional[float] = None
+    weights: Optional[str] = "imagenet"
+    image_size: Optional[int] = None
+    temperature: float = 3.0
+    student_loss_weight: float = 0.5
+    epochs: int = 5
+    fine_tune_epochs: int = 0
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    validation_split: float = 0.2
+    seed: int = 0
+    dropout: float = 0.2
+    cache_dir: Optional[str] = None
+    cache: bool = True
+    overwrite: bool = False
+    verbose: object = "auto"
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.fine_tune_epochs < 0:
+            raise ValueError("`epochs` and `fine_tune_epochs` must be >= 0.")
+        if self.epochs + self.fine_tune_epochs == 0:
+            raise ValueError("Nothing to train: `epochs` and `fine_tune_epochs` are 0.")
+        if not self.temperature > 0:
+            raise ValueError(
+                f"`temperature` must be > 0. Received: temperature={self.temperature}"
+            )
+        if not 0 <= self.student_loss_weight <= 1:
+            raise ValueError(
+                "`student_loss_weight` must be between 0 and 1. "
+                f"Received: student_loss_weight={self.student_loss_weight}"
+            )
+        self.student = get_backbone_spec(self.student).name
+        if self.output is None:
+            data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
+            self.output = os.path.join(
+                "saved_models", f"{data_name}-distilled-{self.student}"
+            )
+
+
+def _check_teacher(teacher: Teacher, class_names: list, image_size) -> None:
+    if teacher.class_names is not None and teacher.class_names != class_names:
+        raise DataError(
+            f"The teacher's classes {teacher.class_names} differ from the data's "
+            f"class folders {class_names}. Distil on the data the teacher was "
+            "trained for, with the same class folders."
+        )
+    if teacher.model is not None:
+        outputs = teacher.model.output_shape[-1]
+        if outputs != len(class_names):
+            raise DataError(
+                f"The teacher has {outputs} outputs but the data has "
+                f"{len(class_names)} classes ({class_names})."
+            )
+    if image_size and teacher.image_size and image_size != teacher.image_size:
+        raise ValueError(
+            f"The teacher takes {teacher.image_size} px images, the student was asked "
+            f"for {image_size} px. Leave out --image-size to use the teacher's size."
+        )
+
+
+def _say(config, message):
+    if config.verbose != 0:
+        print(message, flush=True)
+
+
+def _dataset(inputs, teacher_logits, labels, batch_size, shuffle, seed, decode=None):
+    dataset = tf.data.Dataset.from_tensor_slices(
+        ({INPUTS: inputs, TEACHER_LOGITS: teacher_logits}, labels)
+    )
+    if shuffle:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if decode is not None:
+        dataset = dataset.map(
+            lambda x, y: ({**x, INPUTS: decode(tf.io.read_file(x[INPUTS]))}, y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def distill_run(config: DistillConfig) -> dict:
+    """Distils a teacher into a student on an image folder; writes a run folder.
+
+    Returns:
+        The summary written to `metrics.json`, as `train_run`'s, plus
+        `teacher`, `teacher_val_accuracy`, `temperature`, `student_loss_weight`.
+
+    Raises:
+        DataError: unusable data, or a teacher with other classes.
+        ValueError: a student image size the teacher does not take.
+        RunFolderError: `config.output` holds a finished run.
+    """
+    start = time.perf_counter()
+    output, folder, report = begin_run(config)
+    teacher = load_teacher(config.teacher)
+    _check_teacher(teacher, folder.class_names, config.image_size)
+    spec = get_backbone_spec(config.student)
+    image_size = config.image_size or teacher.image_size or spec.default_image_size
+    backbone = load_backbone(config.student, config.weights, image_size, config.alpha)
+    model = build_classifier(backbone, len(folder.class_names), config.dropout)
+    os.makedirs(output, exist_ok=True)
+    for stale in ("metrics.json", "history.csv"):
+        if os.path.exists(os.path.join(output, stale)):
+            os.remove(os.path.join(output, stale))
+    write_json_atomically(os.path.join(output, "data_report.json"), report)
+    history_path = os.path.join(output, "history.csv")
+
+    cache_dir = (config.cache_dir or default_cache_dir()) if config.cache else None
+    verbose = config.verbose != 0
+    teacher_cache = cache_dir and open_cache(cache_dir, {
+        "network": "teacher logits", "weights": teacher.fingerprint,
+        "image_size": teacher.image_size, "preprocessing": "teacher's own",
+    }, verbose=verbose)
+    student_cache = cache_dir and open_cache(cache_dir, feature_cache_key(
+        backbone, f"{spec.name}:alpha={config.alpha}", image_size, spec.preprocessing,
+    ), verbose=verbose)
+    splits = ("train", "validation")
+    files = {split: folder.used(split) for split in splits}
+    labels = {split: folder.paths_and_labels(split)[1] for split in splits}
+    counts = {}
+
+    def outputs(network, size, cache, split):
+        result, stats = cached_outputs(
+            network, [f.path for f in files[split]], [f.digest for f in files[split]],
+            size, cache, config.batch_size, verbose=config.verbose,
+        )
+        for name, value in stats._asdict().items():
+            counts.setdefault(name, 0)
+            counts[name] += value
+        return result
+
+    _say(config, "Computing the teacher's logits ...")
+    network = teacher.model if teacher.model is not None else teacher.forward
+    logits = {s: outputs(network, teacher.image_size, teacher_cache, s)
+              for s in splits}
+    teacher_accuracy = float(np.mean(logits["validation"].argmax(-1)
+                                     == labels["validation"]))
+    _say(config, f"Teacher: val_accuracy {teacher_accuracy:.4f}; logits "
+                 f"{counts['hits']} from cache, {counts['computed']} computed")
+    distill_settings = dict(temperature=config.temperature,
+                            student_loss_weight=config.student_loss_weight)
+    if config.epochs > 0:
+        counts.clear()
+        _say(config, "Computing the student's backbone features ...")
+        features = {s: outputs(backbone, image_size, student_cache, s) for s in splits}
+        _say(config, f"Student features: {counts['hits']} from cache, "
+                     f"{counts['computed']} computed")
+        distiller = Distiller(teacher.model, model.get_layer("head"),
+                              **distill_settings)
+        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+        distiller.fit(
+            _dataset(features["train"], logits["train"], labels["train"],
+                     config.batch_size, True, config.seed),
+            validation_data=_dataset(features["validation"], logits["validation"],
+                                     labels["validation"], config.batch_size, False,
+                                     config.seed),
+            epochs=config.epochs,
+            callbacks=[HistoryCSV(history_path, "head")],
+            verbose=config.verbose,
+        )
+    if config.fine_tune_epochs > 0:
+        unfreeze_top(backbone, default_fine_tune_layers(backbone))
+        distiller = Distiller(teacher.model, model, **distill_settings)
+        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate / 10))
+
+        def decode(contents):
+            return decode_image(contents, image_size)
+
+        paths = {s: [f.path for f in files[s]] for s in splits}
+        distiller.fit(
+            _dataset(paths["train"], logits["train"], labels["train"],
+                     config.batch_size, True, config.seed, decode),
+            validation_data=_dataset(paths["validation"], logits["validation"],
+                                     labels["validation"], config.batch_size, False,
+                                     config.seed, decode),
+            epochs=config.epochs + config.fine_tune_epochs,
+            initial_epoch=config.epochs,
+            callbacks=[HistoryCSV(history_path, "fine_tune")],
+            verbose=config.verbose,
+        )
+        backbone.trainable = False
+    history = read_history(history_path)
+
+    saved_model = write_model_files(model, output, folder.class_names)
+    summary = {
+        "val_accuracy": history["val_accuracy"][-1],
+        "val_loss": history["val_loss"][-1],
+        "teacher_val_accuracy": teacher_accuracy,
+        "seconds": round(time.perf_counter() - start, 2),
+        "num_classes": len(folder.class_names),
+        "class_names": folder.class_names,
+        "num_train": len(files["train"]),
+        "num_validation": len(files["validation"]),
+        "num_skipped": len(folder.skipped()),
+        "run_dir": output,
+        "saved_model": saved_model,
+        "model": os.path.join(output, "model.keras"),
+        "teacher": teacher.path,
+        "backbone": config.student,
+        "alpha": config.alpha,
+        "weights": str(config.weights) if config.weights is not None else None,
+        "image_size": image_size,
+        "epochs": config.epochs,
+        "fine_tune_epochs": config.fine_tune_epochs,
+        **distill_settings,
+        "feature_cache": cache_dir,
+        "history": history,
+    }
+    write_json_atomically(os.path.join(output, "metrics.json"), summary)
+    return summary
