@@ -494,9 +494,10 @@ def train_run(config: TrainConfig) -> dict:
         "val_loss": history["val_loss"][-1],
     }
     evaluations = {}
-    if from_activations:
-        # The top trained on float16 activations: report what the full model,
-        # as exported, scores on the validation images.
+    if config.fine_tune_epochs > 0 and phases.cache_dir:
+        # The top may have trained on float16 activations (in this process or
+        # before a resume): report what the full model, as exported, scores on
+        # the validation images.
         evaluations["validation"] = data.validation
     if data.test is not None:
         evaluations["test"] = data.test
