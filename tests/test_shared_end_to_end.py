@@ -72,3 +72,37 @@ def test_hymenoptera_with_odd_files_at_160_px(tmp_path, capsys):
         else:
             assert files[path]["status"] == status, files[path]
     assert files[os.path.join("train", "ants", "imageNotFound.gif")]["status"] == "used"
+
+
+def test_hub_module_written_with_plain_tensorflow(tmp_path, capsys):
+    """Issue 6's acceptance run: MobileNet 0.75 as a TF-Hub-format SavedModel."""
+    import subprocess
+    import sys
+
+    data = shared_path("data", "hymenoptera")
+    shared_path("weights", "keras", "models", "mobilenet_7_5_224_tf_no_top.h5")
+    module = str(tmp_path / "mobilenet_hub")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                          "write_hub_module.py")
+    subprocess.run([sys.executable, script, module, "--alpha", "0.75"], check=True,
+                   capture_output=True, timeout=600)
+    run = str(tmp_path / "run")
+    assert main(["train", data, "--output", run, "--backbone", f"hub:{module}",
+                 "--image-size", "224", "--epochs", "5", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["val_accuracy"] >= 0.88
+
+    bee = os.path.join(data, "val", "bees", sorted(os.listdir(
+        os.path.join(data, "val", "bees")))[0])
+    serve = (
+        "import sys, tensorflow as tf\n"
+        "model = tf.saved_model.load(sys.argv[1])\n"
+        "out = model.signatures['serving_default'](\n"
+        "    image_bytes=tf.constant([open(sys.argv[2], 'rb').read()]))\n"
+        "print(out['class_names'].numpy()[0].decode())\n"
+        "assert 'tftransfer' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", serve, summary["saved_model"], bee],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] in ("ants", "bees")

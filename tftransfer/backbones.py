@@ -19,6 +19,7 @@ import keras
 from tftransfer.errors import WeightsUnavailableError
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "unit", "none")
+HUB_PREFIX = "hub:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +92,22 @@ def backbone_names() -> list[str]:
 def get_backbone_spec(name: str) -> BackboneSpec:
     """Returns the `BackboneSpec` registered as `name`.
 
+    `hub:HANDLE` names (TF-Hub / Kaggle Models URLs or local SavedModel folders,
+    see `tftransfer.hub`) get a spec of their own: images in [0, 1], 224 px by
+    default.
+
     Raises:
         ValueError: if `name` is not registered; the message lists the valid names.
     """
+    if name.startswith(HUB_PREFIX):
+        if len(name) == len(HUB_PREFIX):
+            raise ValueError("`hub:` needs a handle: hub:https://... or hub:/path")
+        return BackboneSpec(name, "", "unit", default_image_size=224)
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
         raise ValueError(
-            f"Unknown backbone {name!r}. Expected one of: {', '.join(backbone_names())}."
+            f"Unknown backbone {name!r}. Expected one of: {', '.join(backbone_names())}"
+            ", or hub:HANDLE (a TF-Hub / Kaggle Models URL or a SavedModel folder)."
         )
     return _REGISTRY[key]
 
@@ -182,6 +192,13 @@ def load_backbone(
     """
     spec = get_backbone_spec(name)
     image_size = int(image_size or spec.default_image_size)
+    if spec.name.startswith(HUB_PREFIX):
+        from tftransfer.hub import load_hub_backbone
+
+        if alpha is not None:
+            raise ValueError(f"`alpha` does not apply to hub backbones. "
+                             f"Received: alpha={alpha}")
+        return load_hub_backbone(spec.name[len(HUB_PREFIX):], image_size)
     if image_size < spec.min_image_size:
         raise ValueError(
             f"`image_size` must be at least {spec.min_image_size} for {spec.name}. "
@@ -298,6 +315,8 @@ def split_backbone(backbone: keras.Model, num_layers: int) -> Optional[tuple]:
         backbone's pixels and `top(bottom(x))` equals `backbone(x)`; or `None`
         when no single-tensor cut exists.
     """
+    if not any(isinstance(layer, keras.Model) for layer in backbone.layers):
+        return None  # A hub module is one opaque layer: nothing to cut.
     network = backbone_network(backbone)
     layers = network.layers
     producer = {}

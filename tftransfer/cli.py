@@ -90,9 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--learning-rate",
         type=float,
-        default=1e-3,
+        default=1e-2,
         metavar="LR",
-        help="head-phase learning rate; fine-tuning uses LR/10 (default: 1e-3)",
+        help="head-phase learning rate (default: 1e-2)",
+    )
+    train.add_argument(
+        "--fine-tune-learning-rate",
+        type=float,
+        default=1e-4,
+        metavar="LR",
+        help="learning rate while the top of the backbone is unfrozen "
+        "(default: 1e-4)",
     )
     train.add_argument(
         "--augment",
@@ -205,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=1, metavar="K")
     _add_json(predict)
 
+    export_backbone = commands.add_parser(
+        "export-backbone",
+        help="write a trained model's backbone as a TF-Hub-format SavedModel",
+        description="Write the backbone of MODEL (a run folder or .keras file) as "
+        "a TF2 reusable SavedModel, to reuse as --backbone hub:OUTPUT.",
+    )
+    export_backbone.add_argument("model", metavar="MODEL")
+    export_backbone.add_argument("output", metavar="OUTPUT")
+    export_backbone.add_argument("--overwrite", action="store_true")
+    _add_json(export_backbone)
+
     demo = commands.add_parser(
         "demo", help="train, export and serve on generated images (no network)"
     )
@@ -235,6 +254,7 @@ def _train(args):
         fine_tune_layers=args.fine_tune_layers,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        fine_tune_learning_rate=args.fine_tune_learning_rate,
         augment=args.augment,
         validation_split=args.validation_split,
         seed=args.seed,
@@ -327,6 +347,26 @@ def _predict(args):
     return results, lines
 
 
+def _export_backbone(args):
+    import os
+
+    import keras
+
+    import tftransfer  # noqa: F401  (registers tftransfer's layers for loading)
+    from tftransfer.hub import export_backbone
+
+    path = args.model
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.keras")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No model at {args.model}: expected a run folder "
+                                "or a .keras file.")
+    model = keras.saving.load_model(path, compile=False, safe_mode=False)
+    output = export_backbone(model, args.output, overwrite=args.overwrite)
+    return {"backbone": output}, [f"backbone SavedModel: {output}",
+                                  f"reuse it with --backbone hub:{output}"]
+
+
 def _demo(args):
     from tftransfer.demo import run_demo
 
@@ -365,6 +405,7 @@ COMMANDS = {
     "distill": _distill,
     "evaluate": _evaluate,
     "predict": _predict,
+    "export-backbone": _export_backbone,
     "demo": _demo,
     "backbones": _backbones,
 }

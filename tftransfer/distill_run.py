@@ -76,7 +76,15 @@ def load_teacher(path: str) -> Teacher:
     if model_file.endswith(".keras") and os.path.isfile(model_file):
         import tftransfer  # noqa: F401  (registers ImagePreprocessing for loading)
 
-        model = keras.saving.load_model(model_file, compile=False)
+        try:
+            model = keras.saving.load_model(model_file, compile=False)
+        except ValueError as error:
+            # A hub backbone cannot load in Keras' safe mode; the run's
+            # SavedModel serves the same model without that risk.
+            saved_model = os.path.join(os.path.dirname(model_file), "saved_model")
+            if "safe_mode" not in str(error) or not os.path.isdir(saved_model):
+                raise
+            return load_teacher(saved_model)
         model.trainable = False
         labels = _read_labels(os.path.join(os.path.dirname(model_file), "labels.txt"))
         return Teacher(

@@ -102,9 +102,9 @@ def export_saved_model(
         return serve(tf.image.resize(images, [image_size, image_size],
                                      method="bilinear"))
 
-    # AutoTrackable, as ExportArchive uses, so that the loaded object keeps the
-    # `variables` lists (tf.Module computes its own and cannot be assigned).
-    module = tf.__internal__.tracking.AutoTrackable()
+    # tf.train.Checkpoint takes any attribute, so the loaded object keeps the
+    # `variables` lists (a tf.Module's are read-only properties).
+    module = tf.train.Checkpoint()
     module.variables = list(model.variables)
     module.trainable_variables = list(model.trainable_variables)
     module.non_trainable_variables = list(model.non_trainable_variables)

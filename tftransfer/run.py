@@ -49,6 +49,8 @@ from tftransfer.export import export_saved_model, recover_interrupted, write_lab
 from tftransfer.heads import build_classifier
 from tftransfer.report import class_imbalance, data_report, summarize_data
 from tftransfer.train import (
+    FINE_TUNE_LEARNING_RATE,
+    HEAD_LEARNING_RATE,
     HistoryCSV,
     balanced_class_weights,
     compile_classifier,
@@ -76,7 +78,9 @@ class TrainConfig:
             Defaults to `0`.
         fine_tune_layers: Layers to unfreeze. Defaults to the top 30%.
         batch_size: Defaults to `32`.
-        learning_rate: Head-phase learning rate. Defaults to `1e-3`.
+        learning_rate: Head-phase learning rate. Defaults to `1e-2`
+            (see `fine_tune`).
+        fine_tune_learning_rate: Fine-tuning learning rate. Defaults to `1e-4`.
         augment: Random flips, rotations and zooms of training images.
             Defaults to `False`.
         validation_split: Used when the data has no split folders.
@@ -104,7 +108,8 @@ class TrainConfig:
     fine_tune_epochs: int = 0
     fine_tune_layers: Optional[int] = None
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = HEAD_LEARNING_RATE
+    fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
     augment: bool = False
     validation_split: float = 0.2
     seed: int = 0
@@ -125,10 +130,11 @@ class TrainConfig:
             raise ValueError("Nothing to train: `epochs` and `fine_tune_epochs` are 0.")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1. Received: {self.batch_size}")
-        if self.learning_rate <= 0:
-            raise ValueError(
-                f"`learning_rate` must be > 0. Received: {self.learning_rate}"
-            )
+        for name in ("learning_rate", "fine_tune_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"`{name}` must be > 0. Received: {name}={getattr(self, name)}"
+                )
         if self.class_weight not in (None, "auto"):
             raise ValueError(
                 "`class_weight` must be 'auto' or None. "
@@ -375,7 +381,7 @@ class _Phases:
             inputs = keras.Input(shape, name="activations")
             logits = self.head(top(inputs, training=False))
             training_model = keras.Model(inputs, logits, name="classifier_top")
-        compile_classifier(training_model, config.learning_rate / 10)
+        compile_classifier(training_model, config.fine_tune_learning_rate)
         self._restore_optimizer(training_model, "fine_tune")
         training_model.fit(
             train,
