@@ -1,0 +1,22 @@
+"""The README's Python example runs, on generated images instead of flowers/."""
+
+import os
+import re
+
+from conftest import REPO, shared_path
+
+
+def test_readme_python_example_runs(scenes_dir, tmp_path):
+    shared_path("weights", "keras", "models", "mobilenet_7_5_224_tf_no_top.h5")
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## Python"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"flowers/"' in code and '"saved_models/flowers"' in code
+    code = code.replace('"flowers/"', repr(scenes_dir)).replace(
+        '"saved_models/flowers"', repr(str(tmp_path / "export")))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    history = namespace["history"]
+    assert len(history["val_accuracy"]) == 7  # 5 head epochs + 2 fine-tuning
+    assert history["val_accuracy"][-1] >= 0.85
+    assert os.path.exists(tmp_path / "export" / "saved_model.pb")
