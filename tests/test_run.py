@@ -169,3 +169,29 @@ def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_
     assert second["features"]["hits"] == summary["num_train"] + summary["num_validation"]
     assert second["features"]["computed"] == 0
     assert second["fine_tune_activations"]["computed"] == 0
+
+
+def test_files_the_user_had_are_never_replaced(scenes_dir, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "model.keras").write_text("the user's own model")
+    args = ["train", scenes_dir, *TINY, "--epochs", "1"]
+    assert main([*args, "--output", str(folder)]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert (folder / "model.keras").read_text() == "the user's own model"
+
+    assert main([*args, "--fine-tune-epochs", "1", "--fine-tune-layers", "999",
+                 "--output", str(tmp_path / "new")]) == 2
+    assert "at most" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_distill_refuses_an_unfinished_train_run(trained_run, scenes_dir, tmp_path,
+                                                capsys):
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / "checkpoint.npz").write_bytes(b"a train run's checkpoint")
+    assert main(["distill", scenes_dir, "--teacher", trained_run, "--output",
+                 str(run), "--student", "vgg16", "--weights", "none"]) == 2
+    assert "unfinished" in capsys.readouterr().err
+    assert (run / "checkpoint.npz").read_bytes() == b"a train run's checkpoint"

@@ -221,6 +221,27 @@ def open_cache(directory: Optional[str], key: dict, dtype: str = "float32",
         return None
 
 
+def _store(cache: FeatureCache, path: str, digest: str, value) -> Optional[FeatureCache]:
+    """Stores one entry; returns the cache, or `None` once it cannot be written.
+
+    The file is hashed again first: one edited since the scan would otherwise
+    leave the new image's features under the old content's key, for good.
+    """
+    try:
+        with open(path, "rb") as handle:
+            if hashlib.sha256(handle.read()).hexdigest() != digest:
+                return cache  # Changed since the scan: not cached, used this once.
+        cache.store(digest, value)
+        return cache
+    except OSError as error:
+        warnings.warn(
+            f"The feature cache {cache.directory} could not be written "
+            f"({error.strerror or error}); the run goes on without it.",
+            stacklevel=3,
+        )
+        return None
+
+
 class CacheStats(NamedTuple):
     """How the outputs of one `cached_outputs` call were obtained."""
 
@@ -303,7 +324,7 @@ def cached_outputs(
             values = forward(pixels).numpy()
             for index, value in zip(indices.numpy(), values):
                 if cache is not None:
-                    cache.store(digests[index], value)
+                    cache = _store(cache, paths[index], digests[index], value)
                     if not keep:
                         value = None
                 outputs[index] = value if keep else True

@@ -50,7 +50,8 @@ class RunCheckpoint:
             with np.load(self.path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
             meta = json.loads(str(arrays.pop("meta")))
-        except (OSError, ValueError, KeyError) as error:
+            meta["settings"], meta["num_model"], meta["num_optimizer"]
+        except Exception as error:  # zipfile, EOF, JSON, missing keys: all unreadable.
             raise RunFolderError(
                 f"The checkpoint {self.path} cannot be read ({error}). Pass "
                 "--overwrite (overwrite=True) to start the run over."
@@ -88,6 +89,7 @@ class RunCheckpoint:
             "epoch": epoch,
             "phase": phase,
             "weights_of": model.name,
+            "training_model": training_model.name,
             "settings": self.settings,
             "num_model": len(model.weights),
             "num_optimizer": len(optimizer_values),

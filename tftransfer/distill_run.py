@@ -30,11 +30,12 @@ from tftransfer.cache import (
 )
 from tftransfer.data import decode_image
 from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
-from tftransfer.errors import DataError, TransferError
+from tftransfer.errors import DataError, RunFolderError, TransferError
 from tftransfer.heads import build_classifier
 from tftransfer.run import (
     begin_run,
     read_history,
+    safe_name,
     write_json_atomically,
     write_model_files,
 )
@@ -50,6 +51,7 @@ class Teacher(NamedTuple):
     image_size: Optional[int]
     fingerprint: str
     path: str
+    num_classes: Optional[int] = None
 
 
 def _read_labels(path: str) -> Optional[list]:
@@ -94,6 +96,7 @@ def load_teacher(path: str) -> Teacher:
             int(model.input_shape[1]),
             weights_fingerprint(model),
             model_file,
+            int(model.output_shape[-1]),
         )
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         loaded = tf.saved_model.load(path)
@@ -116,7 +119,8 @@ def load_teacher(path: str) -> Teacher:
 
         return Teacher(forward, None,
                        _read_labels(os.path.join(path, "assets", "labels.txt")),
-                       None, digest.hexdigest(), path)
+                       None, digest.hexdigest(), path,
+                       signature.structured_outputs["probabilities"].shape[-1])
     raise TransferError(
         f"No teacher model at {path}. Expected a tftransfer run folder, a .keras "
         "file or a tftransfer SavedModel folder."
@@ -178,6 +182,12 @@ class DistillConfig:
             raise ValueError("`epochs` and `fine_tune_epochs` must be >= 0.")
         if self.epochs + self.fine_tune_epochs == 0:
             raise ValueError("Nothing to train: `epochs` and `fine_tune_epochs` are 0.")
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1. Received: {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(
+                f"`learning_rate` must be > 0. Received: {self.learning_rate}"
+            )
         if not self.temperature > 0:
             raise ValueError(
                 f"`temperature` must be > 0. Received: temperature={self.temperature}"
@@ -191,7 +201,7 @@ class DistillConfig:
         if self.output is None:
             data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
             self.output = os.path.join(
-                "saved_models", f"{data_name}-distilled-{self.student}"
+                "saved_models", f"{data_name}-distilled-{safe_name(self.student)}"
             )
 
 
@@ -202,8 +212,8 @@ def _check_teacher(teacher: Teacher, class_names: list, image_size) -> None:
             f"class folders {class_names}. Distil on the data the teacher was "
             "trained for, with the same class folders."
         )
-    if teacher.model is not None:
-        outputs = teacher.model.output_shape[-1]
+    outputs = teacher.num_classes
+    if outputs is not None:
         if outputs != len(class_names):
             raise DataError(
                 f"The teacher has {outputs} outputs but the data has "
@@ -255,6 +265,15 @@ def distill_run(config: DistillConfig) -> dict:
     image_size = config.image_size or teacher.image_size or spec.default_image_size
     backbone = load_backbone(config.student, config.weights, image_size, config.alpha)
     model = build_classifier(backbone, len(folder.class_names), config.dropout)
+    checkpoint = os.path.join(output, "checkpoint.npz")
+    if os.path.exists(checkpoint):
+        if not config.overwrite:
+            raise RunFolderError(
+                f"{output} holds an unfinished `train` run (checkpoint.npz). "
+                "Nothing was changed. Resume it with its train command, choose "
+                "another --output, or pass --overwrite to replace it."
+            )
+        os.remove(checkpoint)
     os.makedirs(output, exist_ok=True)
     for stale in ("metrics.json", "history.csv"):
         if os.path.exists(os.path.join(output, stale)):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from tftransfer.data import decode_image
+from tftransfer.data import RESIZE_METHOD, decode_image
 
 
 def _serving_outputs(model: keras.Model, pixels: tf.Tensor, class_names: tf.Tensor):
@@ -100,7 +100,7 @@ def export_saved_model(
     )
     def serve_pixels(images):
         return serve(tf.image.resize(images, [image_size, image_size],
-                                     method="bilinear"))
+                                     method=RESIZE_METHOD))
 
     # tf.train.Checkpoint takes any attribute, so the loaded object keeps the
     # `variables` lists (a tf.Module's are read-only properties).

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from typing import Optional
@@ -30,7 +31,12 @@ from typing import Optional
 import keras
 import numpy as np
 
-from tftransfer.backbones import get_backbone_spec, load_backbone, split_backbone
+from tftransfer.backbones import (
+    backbone_network,
+    get_backbone_spec,
+    load_backbone,
+    split_backbone,
+)
 from tftransfer.cache import (
     cached_outputs,
     default_cache_dir,
@@ -47,6 +53,7 @@ from tftransfer.data import ImageFolder, image_folder_datasets, scan_image_folde
 from tftransfer.errors import RunFolderError
 from tftransfer.export import export_saved_model, recover_interrupted, write_labels
 from tftransfer.heads import build_classifier
+from tftransfer.hub import hub_layer
 from tftransfer.report import class_imbalance, data_report, summarize_data
 from tftransfer.train import (
     FINE_TUNE_LEARNING_RATE,
@@ -145,7 +152,14 @@ class TrainConfig:
         self.image_size = int(self.image_size or spec.default_image_size)
         if self.output is None:
             data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
-            self.output = os.path.join("saved_models", f"{data_name}-{spec.name}")
+            self.output = os.path.join(
+                "saved_models", f"{data_name}-{safe_name(spec.name)}"
+            )
+        if self.fine_tune_layers is not None and self.fine_tune_layers < 1:
+            raise ValueError(
+                "`fine_tune_layers` must be >= 1. "
+                f"Received: fine_tune_layers={self.fine_tune_layers}"
+            )
 
 
 def augmentation_layers(seed: int = 0) -> keras.Sequential:
@@ -175,6 +189,24 @@ def check_run_folder(output: str, overwrite: bool) -> None:
         )
     if os.path.exists(output) and not os.path.isdir(output):
         raise RunFolderError(f"--output {output} exists and is not a folder.")
+    if os.path.isdir(output) and os.listdir(output) and not overwrite and not any(
+        os.path.exists(os.path.join(output, name)) for name in RUN_MARKERS
+    ):
+        raise RunFolderError(
+            f"--output {output} holds other files and no tftransfer run. Nothing "
+            "was changed. Choose a new or empty folder, or pass --overwrite "
+            "(overwrite=True) to write the run's files there anyway."
+        )
+
+
+RUN_MARKERS = ("data_report.json", "checkpoint.npz", "history.csv", "metrics.json")
+
+
+def safe_name(name: str) -> str:
+    """A folder-name-safe form of a backbone name (`hub:` handles are URLs)."""
+    if name.startswith("hub:"):
+        name = "hub-" + os.path.basename(os.path.normpath(name[4:].rstrip("/")))
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def _remove(path: str) -> None:
@@ -194,7 +226,9 @@ def write_json_atomically(path: str, payload) -> None:
 def _run_settings(config: TrainConfig, folder: ImageFolder) -> dict:
     """What must not change for a killed run to be resumed: settings and data."""
     settings = dataclasses.asdict(config)
-    for name in ("output", "overwrite", "verbose", "cache_dir", "cache"):
+    # `cache` stays: it decides whether fine-tuning trains from activations,
+    # and so which optimizer state the checkpoint holds.
+    for name in ("output", "overwrite", "verbose", "cache_dir"):
         settings.pop(name)
     settings["data_dir"] = os.path.abspath(config.data_dir)
     data = hashlib.sha256()
@@ -254,7 +288,10 @@ class _Phases:
         ]
 
     def _restore_optimizer(self, training_model, phase):
-        if self.state and self.state["phase"] == phase:
+        # Only the same phase trained on the same model (activations or images)
+        # left an optimizer state that fits.
+        if (self.state and self.state["phase"] == phase
+                and self.state.get("training_model") == training_model.name):
             if not restore_optimizer(training_model, self.state):
                 self._say("warning: the optimizer state in the checkpoint does not "
                           "fit; it starts afresh")
@@ -363,10 +400,19 @@ class _Phases:
         if cache is not None:
             self.report = {}
             self._say(f"Computing activations below the top {num_layers} layers ...")
+            for split in ("train", "validation"):
+                self._outputs(bottom, cache, split, keep=False)
+            if not all(os.path.exists(cache.path(f.digest))
+                       for split in ("train", "validation")
+                       for f in self.folder.used(split)):
+                self._say("Some activations could not be cached (a file changed, "
+                          "or the cache could not be written); fine-tuning runs "
+                          "on the images.")
+                cache = None
+        if cache is not None:
             shape = tuple(top.input.shape[1:])
             splits = {}
             for split, shuffle in (("train", True), ("validation", False)):
-                self._outputs(bottom, cache, split, keep=False)
                 files = self.folder.used(split)
                 splits[split] = cache.dataset(
                     [f.digest for f in files],
@@ -460,6 +506,14 @@ def train_run(config: TrainConfig) -> dict:
         state = checkpoint.load()
     backbone = load_backbone(config.backbone, config.weights, config.image_size,
                              config.alpha)
+    if config.fine_tune_layers is not None and hub_layer(backbone) is None:
+        available = len(backbone_network(backbone).layers)
+        if config.fine_tune_layers > available:
+            raise ValueError(
+                f"`fine_tune_layers` must be at most {available}, the layers of "
+                f"{config.backbone}. Received: fine_tune_layers="
+                f"{config.fine_tune_layers}"
+            )
     weights_used = config.weights if config.weights is not None else "none (random)"
     _say(config, f"Backbone {config.backbone} ({backbone.count_params():,} "
                  f"parameters), weights: {weights_used}, image size {config.image_size}")
