@@ -198,6 +198,9 @@ def feature_cache_key(
         "image_size": int(image_size),
         "preprocessing": preprocessing,
         "resize": RESIZE_METHOD,
+        # Kernels and precision change outputs slightly: never mix them.
+        "dtype_policy": keras.config.dtype_policy().name,
+        "versions": [tf.__version__, keras.__version__],
         **extra,
     }
 

@@ -28,7 +28,7 @@ from tftransfer.cache import (
     open_cache,
     weights_fingerprint,
 )
-from tftransfer.data import decode_image
+from tftransfer.data import RESIZE_METHOD, decode_image
 from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
 from tftransfer.errors import DataError, RunFolderError, TransferError
 from tftransfer.heads import build_classifier
@@ -286,6 +286,8 @@ def distill_run(config: DistillConfig) -> dict:
     teacher_cache = cache_dir and open_cache(cache_dir, {
         "network": "teacher logits", "weights": teacher.fingerprint,
         "image_size": teacher.image_size, "preprocessing": "teacher's own",
+        "resize": RESIZE_METHOD, "dtype_policy": keras.config.dtype_policy().name,
+        "versions": [tf.__version__, keras.__version__],
     }, verbose=verbose)
     student_cache = cache_dir and open_cache(cache_dir, feature_cache_key(
         backbone, f"{spec.name}:alpha={config.alpha}", image_size, spec.preprocessing,
