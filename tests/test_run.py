@@ -11,6 +11,7 @@ import time
 
 import keras
 import numpy as np
+import pytest
 from conftest import last_json
 from odd_files import write_odd_files
 
@@ -195,3 +196,34 @@ def test_distill_refuses_an_unfinished_train_run(trained_run, scenes_dir, tmp_pa
                  str(run), "--student", "vgg16", "--weights", "none"]) == 2
     assert "unfinished" in capsys.readouterr().err
     assert (run / "checkpoint.npz").read_bytes() == b"a train run's checkpoint"
+
+
+@pytest.mark.parametrize("precision", ["off", "float16", "bfloat16"])
+def test_mixed_precision_policies_train_with_a_float32_head(scenes_dir, tmp_path,
+                                                           precision):
+    summary = train_run(TrainConfig(
+        scenes_dir, output=str(tmp_path / "run"), backbone="vgg16", weights=None,
+        image_size=32, epochs=15, learning_rate=0.01, mixed_precision=precision,
+        cache_dir=str(tmp_path / "cache"), verbose=0))
+    expected = {"off": "float32", "float16": "mixed_float16",
+                "bfloat16": "mixed_bfloat16"}[precision]
+    assert summary["dtype_policy"] == expected
+    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
+    assert summary["val_accuracy"] >= 0.85
+    model = keras.saving.load_model(summary["model"])
+    conv = model.get_layer("backbone").layers[-1].get_layer("block1_conv1")
+    assert conv.compute_dtype == expected.replace("mixed_", "")
+    assert conv.variable_dtype == "float32"
+    head = model.get_layer("head").get_layer("logits")
+    assert head.compute_dtype == "float32"
+    pixels = np.zeros((1, 32, 32, 3), "float32")
+    assert model(pixels).dtype == "float32"
+
+
+def test_auto_precision_is_off_on_this_cpu():
+    import tensorflow as tf
+
+    from tftransfer.run import dtype_policy
+
+    if not tf.config.list_physical_devices("GPU"):
+        assert dtype_policy("auto") == "float32"

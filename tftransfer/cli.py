@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute backbone features in memory, without the on-disk cache",
     )
     train.add_argument(
+        "--mixed-precision",
+        choices=["auto", "off", "float16", "bfloat16"],
+        default="auto",
+        help="dtype policy of the backbone; auto: float16 on GPUs with Tensor "
+        "Cores, off elsewhere (default: auto)",
+    )
+    train.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a finished run in RUN_DIR, or start an unfinished one over "
@@ -261,6 +268,7 @@ def _train(args):
         class_weight=None if args.class_weight == "none" else args.class_weight,
         cache_dir=args.cache_dir,
         cache=not args.no_cache,
+        mixed_precision=args.mixed_precision,
         overwrite=args.overwrite,
     )
     summary = train_run(config)

@@ -30,6 +30,7 @@ from typing import Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tftransfer.backbones import (
     backbone_network,
@@ -66,6 +67,7 @@ from tftransfer.train import (
     unfreeze_top,
 )
 
+PRECISIONS = ("auto", "off", "float16", "bfloat16")
 IMBALANCE_WARNING = 5.0  # Largest to smallest class ratio that earns a warning.
 
 
@@ -100,6 +102,11 @@ class TrainConfig:
         cache_dir: Feature cache folder. Defaults to `default_cache_dir()`.
         cache: Keep backbone features on disk between runs. With `False` they
             are computed once per run, in memory. Defaults to `True`.
+        mixed_precision: `"auto"`, `"off"`, `"float16"` or `"bfloat16"`: the
+            Keras dtype policy of the backbone while training. `"auto"` picks
+            float16 on a GPU of compute capability 7.0 or more (Tensor Cores)
+            and off elsewhere: on CPUs float16 is emulated and slower. The head
+            and its softmax stay float32. Defaults to `"auto"`.
         overwrite: Replace a finished run in `output`, or start an unfinished
             one over instead of resuming it. Defaults to `False`.
         verbose: Progress output (`"auto"`, 0, 1, 2). Defaults to `"auto"`.
@@ -124,6 +131,7 @@ class TrainConfig:
     class_weight: Optional[str] = None
     cache_dir: Optional[str] = None
     cache: bool = True
+    mixed_precision: str = "auto"
     overwrite: bool = False
     verbose: object = "auto"
 
@@ -142,6 +150,11 @@ class TrainConfig:
                 raise ValueError(
                     f"`{name}` must be > 0. Received: {name}={getattr(self, name)}"
                 )
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"`mixed_precision` must be one of {PRECISIONS}. "
+                f"Received: mixed_precision={self.mixed_precision!r}"
+            )
         if self.class_weight not in (None, "auto"):
             raise ValueError(
                 "`class_weight` must be 'auto' or None. "
@@ -468,7 +481,36 @@ def write_model_files(model: keras.Model, output: str, class_names: list) -> str
     )
 
 
+def dtype_policy(mixed_precision: str) -> str:
+    """The Keras dtype policy for a `mixed_precision` setting (see `TrainConfig`)."""
+    if mixed_precision == "auto":
+        gpus = tf.config.list_physical_devices("GPU")
+        capable = [
+            gpu for gpu in gpus
+            if tf.config.experimental.get_device_details(gpu).get(
+                "compute_capability", (0, 0)) >= (7, 0)
+        ]
+        return "mixed_float16" if capable else "float32"
+    return {"off": "float32", "float16": "mixed_float16",
+            "bfloat16": "mixed_bfloat16"}[mixed_precision]
+
+
 def train_run(config: TrainConfig) -> dict:
+    """Trains a classifier on an image folder and writes a complete run folder.
+
+    See `_train_run`. The dtype policy chosen by `config.mixed_precision` holds
+    while the run builds and trains its model, and the previous global policy
+    is restored afterwards.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype_policy(config.mixed_precision))
+    try:
+        return _train_run(config)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _train_run(config: TrainConfig) -> dict:
     """Trains a classifier on an image folder and writes a complete run folder.
 
     The head is trained on backbone features computed once per image and kept in
@@ -586,6 +628,7 @@ def train_run(config: TrainConfig) -> dict:
         "epochs": config.epochs,
         "fine_tune_epochs": config.fine_tune_epochs,
         "augment": config.augment,
+        "dtype_policy": keras.config.dtype_policy().name,
         "class_weight": phases.class_weight,
         "class_imbalance": imbalance,
         "resumed_from_epoch": state["epoch"] if state else None,
