@@ -53,10 +53,14 @@ def default_cache_dir() -> str:
     return os.path.join(base, "tftransfer")
 
 
-def weights_fingerprint(model: keras.Model) -> str:
-    """SHA-256 over the shapes and values of all of a model's weights."""
+def weights_fingerprint(model) -> str:
+    """SHA-256 over the shapes and values of all of a model's weights.
+
+    `model` is a Keras model (its `weights` are used) or any list of variables,
+    such as a loaded SavedModel's `variables`.
+    """
     digest = hashlib.sha256()
-    for variable in model.weights:
+    for variable in getattr(model, "weights", model):
         # Values and shapes only: variable paths depend on layer names, which
         # Keras may number differently from one process to the next.
         value = np.ascontiguousarray(variable.numpy())

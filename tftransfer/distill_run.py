@@ -11,7 +11,6 @@ backbone frozen (the default), its features are cached too (the same entries as
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from typing import Callable, NamedTuple, Optional
@@ -109,9 +108,6 @@ def load_teacher(path: str) -> Teacher:
                 "serving_default signature returns no 'probabilities'. Give a run "
                 "folder, a .keras file or a tftransfer SavedModel."
             )
-        digest = hashlib.sha256()
-        for variable in loaded.variables:
-            digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
 
         def forward(image_bytes):
             probabilities = signature(image_bytes=image_bytes)["probabilities"]
@@ -119,7 +115,7 @@ def load_teacher(path: str) -> Teacher:
 
         return Teacher(forward, None,
                        _read_labels(os.path.join(path, "assets", "labels.txt")),
-                       None, digest.hexdigest(), path,
+                       None, weights_fingerprint(loaded.variables), path,
                        signature.structured_outputs["probabilities"].shape[-1])
     raise TransferError(
         f"No teacher model at {path}. Expected a tftransfer run folder, a .keras "
