@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--cache-dir", metavar="DIR", help="feature cache folder")
     distill.add_argument("--no-cache", action="store_true",
                          help="compute teacher logits and features in memory")
+    distill.add_argument(
+        "--mixed-precision", choices=["auto", "off", "float16", "bfloat16"],
+        default="auto",
+        help="dtype policy of the student's backbone; auto: float16 on GPUs with "
+        "Tensor Cores, off elsewhere (default: auto)",
+    )
     distill.add_argument("--overwrite", action="store_true",
                          help="replace a finished run in RUN_DIR")
     _add_json(distill)
@@ -305,6 +311,7 @@ def _distill(args):
             seed=args.seed,
             cache_dir=args.cache_dir,
             cache=not args.no_cache,
+            mixed_precision=args.mixed_precision,
             overwrite=args.overwrite,
         )
     )

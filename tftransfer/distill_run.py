@@ -32,7 +32,9 @@ from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
 from tftransfer.errors import DataError, RunFolderError, TransferError
 from tftransfer.heads import build_classifier
 from tftransfer.run import (
+    PRECISIONS,
     begin_run,
+    dtype_policy_scope,
     read_history,
     safe_name,
     write_json_atomically,
@@ -148,6 +150,10 @@ class DistillConfig:
         dropout: Head dropout. Defaults to `0.2`.
         cache_dir: Defaults to `default_cache_dir()`.
         cache: Keep teacher logits and student features on disk. Defaults to `True`.
+        mixed_precision: `"auto"`, `"off"`, `"float16"` or `"bfloat16"`: the
+            Keras dtype policy of the student's backbone while distilling, as
+            for `TrainConfig`. The student's head and its logits stay float32;
+            under float16 the `Distiller` scales the loss. Defaults to `"auto"`.
         overwrite: Replace a finished run. Defaults to `False`.
         verbose: Defaults to `"auto"`.
     """
@@ -170,6 +176,7 @@ class DistillConfig:
     dropout: float = 0.2
     cache_dir: Optional[str] = None
     cache: bool = True
+    mixed_precision: str = "auto"
     overwrite: bool = False
     verbose: object = "auto"
 
@@ -192,6 +199,11 @@ class DistillConfig:
             raise ValueError(
                 "`student_loss_weight` must be between 0 and 1. "
                 f"Received: student_loss_weight={self.student_loss_weight}"
+            )
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"`mixed_precision` must be one of {PRECISIONS}. "
+                f"Received: mixed_precision={self.mixed_precision!r}"
             )
         self.student = get_backbone_spec(self.student).name
         if self.output is None:
@@ -244,6 +256,10 @@ def _dataset(inputs, teacher_logits, labels, batch_size, shuffle, seed, decode=N
 def distill_run(config: DistillConfig) -> dict:
     """Distils a teacher into a student on an image folder; writes a run folder.
 
+    The dtype policy chosen by `config.mixed_precision` holds while the run
+    builds and trains the student, and the previous global policy is restored
+    afterwards.
+
     Returns:
         The summary written to `metrics.json`, as `train_run`'s, plus
         `teacher`, `teacher_val_accuracy`, `temperature`, `student_loss_weight`.
@@ -253,6 +269,11 @@ def distill_run(config: DistillConfig) -> dict:
         ValueError: a student image size the teacher does not take.
         RunFolderError: `config.output` holds a finished run.
     """
+    with dtype_policy_scope(config.mixed_precision):
+        return _distill_run(config)
+
+
+def _distill_run(config: DistillConfig) -> dict:
     start = time.perf_counter()
     output, folder, report = begin_run(config)
     teacher = load_teacher(config.teacher)
@@ -377,6 +398,7 @@ def distill_run(config: DistillConfig) -> dict:
         "epochs": config.epochs,
         "fine_tune_epochs": config.fine_tune_epochs,
         **distill_settings,
+        "dtype_policy": keras.config.dtype_policy().name,
         "feature_cache": cache_dir,
         "history": history,
     }

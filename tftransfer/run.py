@@ -18,6 +18,7 @@ with the same settings.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -495,6 +496,25 @@ def dtype_policy(mixed_precision: str) -> str:
             "bfloat16": "mixed_bfloat16"}[mixed_precision]
 
 
+@contextlib.contextmanager
+def dtype_policy_scope(mixed_precision: str):
+    """Sets Keras' global dtype policy for `mixed_precision`, then restores it.
+
+    Args:
+        mixed_precision: `"auto"`, `"off"`, `"float16"` or `"bfloat16"` (see
+            `TrainConfig`).
+
+    Yields:
+        The policy's name, e.g. `"mixed_float16"`.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype_policy(mixed_precision))
+    try:
+        yield keras.config.dtype_policy().name
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def train_run(config: TrainConfig) -> dict:
     """Trains a classifier on an image folder and writes a complete run folder.
 
@@ -502,12 +522,8 @@ def train_run(config: TrainConfig) -> dict:
     while the run builds and trains its model, and the previous global policy
     is restored afterwards.
     """
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(dtype_policy(config.mixed_precision))
-    try:
+    with dtype_policy_scope(config.mixed_precision):
         return _train_run(config)
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def _train_run(config: TrainConfig) -> dict:
