@@ -19,6 +19,7 @@ from tftransfer.data import (
 )
 from tftransfer.distill import Distiller, distillation_loss
 from tftransfer.distill_run import DistillConfig, distill_run, load_teacher
+from tftransfer.distribute import Workers, distributed_fit, make_strategy
 from tftransfer.errors import (
     DataError,
     RunFolderError,
@@ -51,6 +52,7 @@ __all__ = [
     "TrainConfig",
     "TransferError",
     "WeightsUnavailableError",
+    "Workers",
     "backbone_names",
     "balanced_class_weights",
     "build_classifier",
@@ -61,6 +63,7 @@ __all__ = [
     "default_cache_dir",
     "distill_run",
     "distillation_loss",
+    "distributed_fit",
     "evaluate_folder",
     "export_saved_model",
     "export_tflite",
@@ -70,6 +73,7 @@ __all__ = [
     "load_backbone",
     "load_teacher",
     "make_dataset",
+    "make_strategy",
     "predict_paths",
     "register_backbone",
     "scan_image_folder",

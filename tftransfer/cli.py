@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Cores, off elsewhere (default: auto)",
     )
     train.add_argument(
+        "--strategy",
+        choices=["auto", "default", "mirrored", "multi_worker"],
+        default="auto",
+        help="tf.distribute strategy; multi_worker trains on the machines TF_CONFIG "
+        "names, --batch-size being the global batch; auto: multi_worker when "
+        "TF_CONFIG names several, mirrored with several GPUs, else default "
+        "(default: auto)",
+    )
+    train.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a finished run in RUN_DIR, or start an unfinished one over "
@@ -275,6 +284,7 @@ def _train(args):
         cache_dir=args.cache_dir,
         cache=not args.no_cache,
         mixed_precision=args.mixed_precision,
+        strategy=args.strategy,
         overwrite=args.overwrite,
     )
     summary = train_run(config)
@@ -285,8 +295,14 @@ def _train(args):
         lines.append(f"test_accuracy {summary['test_accuracy']:.4f}")
     if summary["resumed_from_epoch"] is not None:
         lines.append(f"resumed from epoch {summary['resumed_from_epoch']}")
+    if summary["num_workers"] > 1:
+        lines.append(f"{summary['num_workers']} workers, "
+                     f"{summary['num_replicas_in_sync']} replicas in sync")
     lines.append(f"run folder: {summary['run_dir']}")
-    lines.append(f"SavedModel for serving: {summary['saved_model']}")
+    if summary["is_chief"]:
+        lines.append(f"SavedModel for serving: {summary['saved_model']}")
+    else:
+        lines.append("(the chief writes the run folder)")
     return summary, lines
 
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from typing import Optional
@@ -52,6 +53,7 @@ from tftransfer.checkpoint import (
     truncate_history,
 )
 from tftransfer.data import ImageFolder, image_folder_datasets, scan_image_folder
+from tftransfer.distribute import STRATEGIES, Workers, distributed_fit, make_strategy
 from tftransfer.errors import RunFolderError
 from tftransfer.export import export_saved_model, recover_interrupted, write_labels
 from tftransfer.heads import build_classifier
@@ -64,7 +66,7 @@ from tftransfer.train import (
     balanced_class_weights,
     compile_classifier,
     default_fine_tune_layers,
-    train_head,
+    feature_dataset,
     unfreeze_top,
 )
 
@@ -108,6 +110,11 @@ class TrainConfig:
             float16 on a GPU of compute capability 7.0 or more (Tensor Cores)
             and off elsewhere: on CPUs float16 is emulated and slower. The head
             and its softmax stay float32. Defaults to `"auto"`.
+        strategy: `"auto"`, `"default"`, `"mirrored"` or `"multi_worker"`; see
+            `make_strategy`. With `"multi_worker"` every machine runs the same
+            command with its own `TF_CONFIG`; `batch_size` is the global batch,
+            shared out among the workers, and only the chief writes the run
+            folder. Defaults to `"auto"`.
         overwrite: Replace a finished run in `output`, or start an unfinished
             one over instead of resuming it. Defaults to `False`.
         verbose: Progress output (`"auto"`, 0, 1, 2). Defaults to `"auto"`.
@@ -133,6 +140,7 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     cache: bool = True
     mixed_precision: str = "auto"
+    strategy: str = "auto"
     overwrite: bool = False
     verbose: object = "auto"
 
@@ -155,6 +163,11 @@ class TrainConfig:
             raise ValueError(
                 f"`mixed_precision` must be one of {PRECISIONS}. "
                 f"Received: mixed_precision={self.mixed_precision!r}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"`strategy` must be one of {STRATEGIES}. "
+                f"Received: strategy={self.strategy!r}"
             )
         if self.class_weight not in (None, "auto"):
             raise ValueError(
@@ -203,7 +216,9 @@ def check_run_folder(output: str, overwrite: bool) -> None:
         )
     if os.path.exists(output) and not os.path.isdir(output):
         raise RunFolderError(f"--output {output} exists and is not a folder.")
-    if os.path.isdir(output) and os.listdir(output) and not overwrite and not any(
+    others = [name for name in os.listdir(output)
+              if not name.startswith(WORKER_FOLDER_PREFIX)] if os.path.isdir(output) else []
+    if others and not overwrite and not any(
         os.path.exists(os.path.join(output, name)) for name in RUN_MARKERS
     ):
         raise RunFolderError(
@@ -214,6 +229,9 @@ def check_run_folder(output: str, overwrite: bool) -> None:
 
 
 RUN_MARKERS = ("data_report.json", "checkpoint.npz", "history.csv", "metrics.json")
+# Workers other than the chief keep their checkpoint and history in
+# RUN_DIR/.worker-N, and delete it when the run ends (see `_train_run`).
+WORKER_FOLDER_PREFIX = ".worker-"
 
 
 def safe_name(name: str) -> str:
@@ -242,7 +260,8 @@ def _run_settings(config: TrainConfig, folder: ImageFolder) -> dict:
     settings = dataclasses.asdict(config)
     # `cache` stays: it decides whether fine-tuning trains from activations,
     # and so which optimizer state the checkpoint holds.
-    for name in ("output", "overwrite", "verbose", "cache_dir"):
+    # `strategy` goes: a run may resume on another machine or cluster.
+    for name in ("output", "overwrite", "verbose", "cache_dir", "strategy"):
         settings.pop(name)
     settings["data_dir"] = os.path.abspath(config.data_dir)
     data = hashlib.sha256()
@@ -269,10 +288,15 @@ class _Phases:
     """Runs the head phase and the fine-tuning phase of `train_run`, resumably.
 
     Args are those of `train_run`'s locals; see its docstring for the behaviour.
+    `folder` and `data` are this worker's share of the images (all of them on
+    one machine), `all_files` the whole `ImageFolder`.
     """
 
-    def __init__(self, config, model, folder, data, output, checkpoint, state):
+    def __init__(self, config, model, folder, data, output, checkpoint, state,
+                 workers, all_files):
         self.config = config
+        self.workers = workers
+        self.all_files = all_files
         self.model = model
         self.backbone = model.get_layer("backbone")
         self.head = model.get_layer("head")
@@ -288,7 +312,7 @@ class _Phases:
         self.report = {}
         self.class_weight = None
         if config.class_weight == "auto":
-            _, labels = folder.paths_and_labels("train")
+            _, labels = all_files.paths_and_labels("train")
             self.class_weight = balanced_class_weights(labels, len(folder.class_names))
 
     def _say(self, message):
@@ -300,6 +324,28 @@ class _Phases:
             self.checkpoint.callback(weights_model or self.model, training_model,
                                      phase),
         ]
+
+    def _fit(self, training_model, train, validation, epochs, phase,
+             weights_model=None):
+        """`fit` from the resume point to `epochs`, or our own loop across machines."""
+        config = self.config
+        initial_epoch = max(self.start, config.epochs if phase == "fine_tune" else 0)
+        callbacks = self._callbacks(training_model, phase, weights_model)
+        if not self.workers.own_loop:
+            return training_model.fit(
+                train, validation_data=validation, epochs=epochs,
+                initial_epoch=initial_epoch, callbacks=callbacks,
+                class_weight=self.class_weight, verbose=config.verbose,
+            )
+        totals = {split: len(self.all_files.used(split))
+                  for split in ("train", "validation")}
+        return distributed_fit(
+            self.workers, training_model,
+            self.workers.lockstep(train, totals["train"], config.batch_size),
+            self.workers.lockstep(validation, totals["validation"], config.batch_size),
+            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+            class_weight=self.class_weight, verbose=config.verbose,
+        )
 
     def _restore_optimizer(self, training_model, phase):
         # Only the same phase trained on the same model (activations or images)
@@ -342,15 +388,8 @@ class _Phases:
             # Random views change every epoch: the backbone runs on each of them.
             compile_classifier(self.model, config.learning_rate)
             self._restore_optimizer(self.model, "head")
-            self.model.fit(
-                self.data.train,
-                validation_data=self.data.validation,
-                epochs=config.epochs,
-                initial_epoch=self.start,
-                callbacks=self._callbacks(self.model, "head"),
-                class_weight=self.class_weight,
-                verbose=config.verbose,
-            )
+            self._fit(self.model, self.data.train, self.data.validation,
+                      config.epochs, "head")
             return
         spec = get_backbone_spec(config.backbone)
         cache = self.cache_dir and open_cache(
@@ -370,17 +409,14 @@ class _Phases:
         self._say_cache("Features", cache)
         compile_classifier(self.head, config.learning_rate)
         self._restore_optimizer(self.head, "head")
-        train_head(
+        self._fit(
             self.head,
-            features["train"],
-            features["validation"],
+            feature_dataset(*features["train"], config.batch_size, shuffle=True,
+                            seed=config.seed),
+            feature_dataset(*features["validation"], config.batch_size),
             config.epochs,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            callbacks=self._callbacks(self.head, "head", weights_model=self.head),
-            initial_epoch=self.start,
-            class_weight=self.class_weight,
-            verbose=config.verbose,
+            "head",
+            weights_model=self.head,
         )
 
     def fine_tune_phase(self) -> bool:
@@ -443,26 +479,19 @@ class _Phases:
             training_model = keras.Model(inputs, logits, name="classifier_top")
         compile_classifier(training_model, config.fine_tune_learning_rate)
         self._restore_optimizer(training_model, "fine_tune")
-        training_model.fit(
-            train,
-            validation_data=validation,
-            epochs=end,
-            initial_epoch=max(self.start, config.epochs),
-            callbacks=self._callbacks(training_model, "fine_tune"),
-            class_weight=self.class_weight,
-            verbose=config.verbose,
-        )
+        self._fit(training_model, train, validation, end, "fine_tune")
         self.backbone.trainable = False
         return cache is not None
 
 
-def begin_run(config) -> tuple:
+def begin_run(config, output: Optional[str] = None) -> tuple:
     """Checks the run folder and the data of a `train` or `distill` run.
 
     Everything that can fail on the user's input fails here, before anything is
-    written. Returns `(output folder, ImageFolder, data report)`.
+    written. `output` defaults to `config.output`. Returns `(output folder,
+    ImageFolder, data report)`.
     """
-    output = os.path.abspath(config.output)
+    output = os.path.abspath(output or config.output)
     check_run_folder(output, config.overwrite)
     keras.utils.set_random_seed(config.seed)
     _say(config, f"Checking images in {config.data_dir} ...")
@@ -518,15 +547,18 @@ def dtype_policy_scope(mixed_precision: str):
 def train_run(config: TrainConfig) -> dict:
     """Trains a classifier on an image folder and writes a complete run folder.
 
-    See `_train_run`. The dtype policy chosen by `config.mixed_precision` holds
-    while the run builds and trains its model, and the previous global policy
-    is restored afterwards.
+    See `_train_run`. The strategy (`config.strategy`) is made first, since a
+    multi-worker strategy must configure TensorFlow before it runs anything.
+    The dtype policy chosen by `config.mixed_precision` holds while the run
+    builds and trains its model, and the previous global policy is restored
+    afterwards.
     """
+    workers = Workers.of(make_strategy(config.strategy))
     with dtype_policy_scope(config.mixed_precision):
-        return _train_run(config)
+        return _train_run(config, workers)
 
 
-def _train_run(config: TrainConfig) -> dict:
+def _train_run(config: TrainConfig, workers: Workers) -> dict:
     """Trains a classifier on an image folder and writes a complete run folder.
 
     The head is trained on backbone features computed once per image and kept in
@@ -539,6 +571,11 @@ def _train_run(config: TrainConfig) -> dict:
     unfinished run with the same settings and data, it resumes from its last
     finished epoch; with other settings it is refused unless `overwrite`.
 
+    Across machines (`workers.own_loop`), each worker computes the features of
+    its share of the images and trains on them in step with the others; the
+    chief writes the run folder, the other workers keep their checkpoints in
+    `RUN_DIR/.worker-N` until the run ends.
+
     Returns:
         The summary written to `metrics.json`: `val_accuracy`, `seconds`,
         `num_classes`, `class_names`, `saved_model` and more.
@@ -549,7 +586,10 @@ def _train_run(config: TrainConfig) -> dict:
             one with other settings, and `overwrite` is False.
     """
     start = time.perf_counter()
-    output, folder, report = begin_run(config)
+    run_dir = os.path.abspath(config.output)
+    output = run_dir if workers.is_chief else os.path.join(
+        run_dir, f"{WORKER_FOLDER_PREFIX}{workers.index}")
+    output, folder, report = begin_run(config, output)
     imbalance = class_imbalance(report)
     if imbalance > IMBALANCE_WARNING:
         advice = ("" if config.class_weight == "auto"
@@ -562,8 +602,10 @@ def _train_run(config: TrainConfig) -> dict:
         state = None
     else:
         state = checkpoint.load()
-    backbone = load_backbone(config.backbone, config.weights, config.image_size,
-                             config.alpha)
+    workers.agree(state["epoch"] if state else 0, "the epoch to resume from")
+    with workers.strategy.scope():
+        backbone = load_backbone(config.backbone, config.weights, config.image_size,
+                                 config.alpha)
     if config.fine_tune_layers is not None and hub_layer(backbone) is None:
         available = len(backbone_network(backbone).layers)
         if config.fine_tune_layers > available:
@@ -588,25 +630,37 @@ def _train_run(config: TrainConfig) -> dict:
         _say(config, f"Resuming from epoch {state['epoch']} "
                      f"(checkpoint in {checkpoint.path})")
     write_json_atomically(os.path.join(output, "data_report.json"), report)
-    model = build_classifier(backbone, len(folder.class_names), config.dropout)
-    if state is not None:
-        # Head-phase checkpoints hold the head only: the backbone is unchanged.
-        restore_weights(model.get_layer("head") if state["weights_of"] == "head"
-                        else model, state)
+    # Outside the strategy's scope: the random layers' seed state lives in the
+    # tf.data pipeline, not among the replicated variables.
     augment = augmentation_layers(config.seed) if config.augment else None
+    share = workers.shard(folder)
     data = image_folder_datasets(
         config.data_dir,
         config.image_size,
         config.batch_size,
         seed=config.seed,
         augment=augment,
-        folder=folder,
+        folder=share,
     )
-    phases = _Phases(config, model, folder, data, output, checkpoint, state)
-    phases.head_phase()
-    head_report = dict(phases.report)
-    from_activations = phases.fine_tune_phase()
+    with workers.strategy.scope():
+        model = build_classifier(backbone, len(folder.class_names), config.dropout)
+        if state is not None:
+            # Head-phase checkpoints hold the head only: the backbone is unchanged.
+            restore_weights(model.get_layer("head") if state["weights_of"] == "head"
+                            else model, state)
+        phases = _Phases(config, model, share, data, output, checkpoint, state,
+                         workers, folder)
+        phases.head_phase()
+        head_report = dict(phases.report)
+        from_activations = phases.fine_tune_phase()
     history = read_history(history_path)
+    if not workers.is_chief:
+        return _end_worker(config, workers, output, history, start, state)
+    if share is not folder:
+        data = image_folder_datasets(config.data_dir, config.image_size,
+                                     config.batch_size, folder=folder)
+    if workers.strategy is not tf.distribute.get_strategy():
+        model = _plain_copy(config, model)
     metrics = {
         "val_accuracy": history["val_accuracy"][-1],
         "val_loss": history["val_loss"][-1],
@@ -645,6 +699,10 @@ def _train_run(config: TrainConfig) -> dict:
         "fine_tune_epochs": config.fine_tune_epochs,
         "augment": config.augment,
         "dtype_policy": keras.config.dtype_policy().name,
+        "strategy": workers.name,
+        "num_replicas_in_sync": workers.num_replicas_in_sync,
+        "num_workers": workers.count,
+        "is_chief": True,
         "class_weight": phases.class_weight,
         "class_imbalance": imbalance,
         "resumed_from_epoch": state["epoch"] if state else None,
@@ -656,6 +714,44 @@ def _train_run(config: TrainConfig) -> dict:
     write_json_atomically(os.path.join(output, "metrics.json"), summary)
     checkpoint.clear()
     return summary
+
+
+def _end_worker(config, workers, output, history, start, state) -> dict:
+    """A worker other than the chief removes its folder and reports briefly."""
+    shutil.rmtree(output, ignore_errors=True)
+    return {
+        "val_accuracy": history["val_accuracy"][-1],
+        "val_loss": history["val_loss"][-1],
+        "seconds": round(time.perf_counter() - start, 2),
+        "resumed_from_epoch": state["epoch"] if state else None,
+        "is_chief": False,
+        "worker": workers.index,
+        "run_dir": os.path.abspath(config.output),
+        "saved_model": None,
+        "strategy": workers.name,
+        "num_replicas_in_sync": workers.num_replicas_in_sync,
+        "num_workers": workers.count,
+        "history": history,
+    }
+
+
+def _plain_copy(config, model: keras.Model) -> keras.Model:
+    """The trained classifier rebuilt outside any strategy, for saving.
+
+    A model built under a strategy holds distributed variables; saving a plain
+    copy keeps the exported files free of them, and keeps the chief's saving
+    free of collective ops the other workers would have to join.
+    """
+    backbone = load_backbone(config.backbone, None, config.image_size, config.alpha)
+    copy = build_classifier(backbone, int(model.outputs[0].shape[-1]), config.dropout)
+    # Built the same way and frozen the same way, the two list their weights
+    # in the same order (names may differ: Keras numbers repeated layer names).
+    if [tuple(v.shape) for v in copy.weights] != [tuple(v.shape) for v in model.weights]:
+        raise RuntimeError("The classifier cannot be rebuilt for saving: its "
+                           "weights differ from a freshly built one's.")
+    for target, source in zip(copy.weights, model.weights):
+        target.assign(source.numpy())
+    return copy
 
 
 def evaluate_classifier(model: keras.Model, dataset) -> tuple:

@@ -105,7 +105,8 @@ def compute_features(
     return np.concatenate(features), np.concatenate(labels)
 
 
-def _feature_dataset(features, labels, batch_size, shuffle, seed):
+def feature_dataset(features, labels, batch_size, shuffle=False, seed=0):
+    """Batches of precomputed `(features, labels)`, reshuffled each epoch if asked."""
     dataset = tf.data.Dataset.from_tensor_slices((features, labels))
     if shuffle:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
@@ -130,8 +131,8 @@ def train_head(
     `initial_epoch` to `epochs`.
     """
     return head.fit(
-        _feature_dataset(*train_features, batch_size, shuffle=True, seed=seed),
-        validation_data=_feature_dataset(*validation_features, batch_size, False, seed),
+        feature_dataset(*train_features, batch_size, shuffle=True, seed=seed),
+        validation_data=feature_dataset(*validation_features, batch_size, False, seed),
         epochs=epochs,
         initial_epoch=initial_epoch,
         callbacks=callbacks,

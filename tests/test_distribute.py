@@ -1,0 +1,176 @@
+"""tf.distribute: strategy choice, sharding, our own training loop, two workers."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import last_json, shared_path
+
+from tftransfer.distribute import Workers, cluster_tasks, distributed_fit, make_strategy
+from tftransfer.train import feature_dataset
+
+
+def test_strategy_names_and_tf_config_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match="must be one of"):
+        make_strategy("tpu")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs TF_CONFIG"):
+        make_strategy("multi_worker")
+    assert isinstance(make_strategy("auto"), type(tf.distribute.get_strategy()))
+    assert Workers.of(make_strategy("mirrored")).name == "mirrored"
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG must be JSON"):
+        cluster_tasks()
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
+         "task": {"type": "worker", "index": 0}}))
+    assert cluster_tasks() == 3
+
+
+def _batches(dataset):
+    return [tuple(t.numpy() for t in batch) for batch in dataset]
+
+
+def test_lockstep_gives_every_worker_as_many_steps_and_masks_padding():
+    total, global_batch = 11, 4
+    x = np.arange(total, dtype="float32")[:, None]
+    y = np.arange(total, dtype="int32") % 2
+    seen = []
+    steps = set()
+    for index in range(3):
+        workers = Workers(tf.distribute.get_strategy(), index, 3)
+        shard = feature_dataset(x[index::3], y[index::3], 3)
+        batches = _batches(workers.lockstep(shard, total, global_batch))
+        steps.add(len(batches))
+        # 11 images over 3 workers: shards of 4, 4, 3; the last one is padded
+        # with one masked copy. Per-worker batch 4 // 3 = 1.
+        assert all(len(b[0]) == 1 for b in batches)
+        masks = np.concatenate([b[2] for b in batches])
+        assert masks.sum() == len(range(index, total, 3))
+        assert (masks == 0).sum() == (1 if index == 2 else 0)
+        seen.extend(np.concatenate([b[0] for b in batches])[masks == 1, 0].tolist())
+    assert steps == {4}
+    assert sorted(seen) == list(range(total))
+    with pytest.raises(ValueError, match="at least one"):
+        Workers(tf.distribute.get_strategy(), 2, 3).lockstep(
+            feature_dataset(x[:0], y[:0], 2), 2, 4)
+
+
+def _compiled_head(seed):
+    from tftransfer.train import compile_classifier
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(3)])
+    compile_classifier(model, 1e-2)
+    return model
+
+
+def test_own_loop_trains_like_keras_fit():
+    """One worker through `distributed_fit` takes Keras `fit`'s steps exactly."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6)).astype("float32")
+    y = (x[:, 0] > -0.5).astype("int32") + (x[:, 0] > 0.5).astype("int32")
+    class_weight = {0: 1.0, 1: 2.0, 2: 3.0}
+    reference, ours = _compiled_head(1), _compiled_head(1)
+    before = [w.copy() for w in ours.get_weights()]
+    fitted = reference.fit(feature_dataset(x, y, 16), validation_data=feature_dataset(
+        x, y, 16), epochs=20, class_weight=class_weight, verbose=0)
+    workers = Workers(tf.distribute.get_strategy())
+    history = distributed_fit(
+        workers, ours, workers.lockstep(feature_dataset(x, y, 16), 50, 16),
+        workers.lockstep(feature_dataset(x, y, 16), 50, 16), epochs=20,
+        class_weight=class_weight, verbose=0)
+    for a, b, c in zip(reference.get_weights(), ours.get_weights(), before):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(b, c)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(history.history[key], fitted.history[key],
+                                   rtol=1e-4, atol=1e-5)
+    assert history.history["val_accuracy"][-1] > 0.8
+
+
+def test_mirrored_strategy_trains_like_the_default_one_and_exports(scenes_dir, tmp_path):
+    from tftransfer.run import TrainConfig, train_run
+
+    summaries = {
+        strategy: train_run(TrainConfig(
+            scenes_dir, output=str(tmp_path / strategy), backbone="vgg16",
+            weights=None, image_size=32, epochs=15, strategy=strategy, verbose=0))
+        for strategy in ("default", "mirrored")
+    }
+    mirrored = summaries["mirrored"]
+    assert mirrored["strategy"] == "mirrored"
+    assert mirrored["num_replicas_in_sync"] == max(
+        1, len(tf.config.list_logical_devices("GPU")))
+    # Dropout draws differ under a strategy, so the runs agree in outcome only.
+    assert summaries["default"]["val_accuracy"] >= 0.9
+    assert mirrored["val_accuracy"] >= 0.9
+    served = tf.saved_model.load(mirrored["saved_model"])
+    assert "serving_default" in served.signatures
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.shared
+def test_two_workers_train_one_model_on_hymenoptera(tmp_path):
+    """Issue 7's acceptance: two loopback workers, `--strategy multi_worker`."""
+    data = shared_path("data", "hymenoptera")
+    run = str(tmp_path / "run")
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "tftransfer", "train", data, "--output", run,
+             "--backbone", "mobilenet_v2", "--alpha", "0.35", "--epochs", "5",
+             "--strategy", "multi_worker", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=420)
+        finally:
+            for other in processes:
+                if other.poll() is None:
+                    other.kill()
+        assert process.returncode == 0, stderr[-3000:]
+        outputs.append(last_json(stdout))
+    chief, worker = outputs
+    for summary in outputs:
+        assert summary["strategy"] == "multi_worker"
+        assert summary["num_replicas_in_sync"] == 2
+        assert summary["num_workers"] == 2
+    assert chief["is_chief"] and not worker["is_chief"]
+    assert worker["saved_model"] is None
+    # Both trained the same model: their epochs' global metrics agree.
+    np.testing.assert_allclose(chief["history"]["val_loss"],
+                               worker["history"]["val_loss"], rtol=1e-4)
+    # Each image's features were computed by one worker only.
+    assert chief["features"]["computed"] + chief["features"]["hits"] == 123 + 77
+    assert chief["val_accuracy"] >= 0.85
+    assert sorted(os.listdir(run)) == sorted(
+        ["data_report.json", "history.csv", "labels.txt", "metrics.json",
+         "model.keras", "saved_model"])
+    served = tf.saved_model.load(chief["saved_model"])
+    bees = os.path.join(data, "val", "bees")
+    files = sorted(os.listdir(bees))[:8]
+    contents = tf.constant([open(os.path.join(bees, f), "rb").read() for f in files])
+    out = served.signatures["serving_default"](image_bytes=contents)
+    labels = [label.decode() for label in out["class_names"].numpy()]
+    assert labels.count("bees") >= 6

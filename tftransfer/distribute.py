@@ -1,0 +1,311 @@
+"""Training on several devices or machines with `tf.distribute`.
+
+`make_strategy` picks the strategy: the default one (this process's one
+device), `MirroredStrategy` (every GPU of this machine) or
+`MultiWorkerMirroredStrategy` (several machines, configured by `TF_CONFIG`).
+Models and optimizers are built under `strategy.scope()`.
+
+On one machine Keras' `fit` does the rest. Across machines it cannot: Keras 3's
+`fit` fails under `MultiWorkerMirroredStrategy` ("Attempt to convert a value
+(PerReplica ...)", keras-team/keras#20585, tensorflow/tensorflow#72388), so
+`distributed_fit` runs our own training step through `strategy.run`, with the
+same callbacks (history, checkpoints) as `fit`.
+
+Each worker reads its own shard of the images (`Workers.shard`), so backbone
+features are computed once over the cluster, not once per worker, and the cache
+entries the workers write never collide (they are keyed by image content and
+written atomically). Every worker runs the same number of steps per epoch
+(`Workers.lockstep`): collective ops need every worker at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+
+
+def cluster_tasks() -> int:
+    """How many chief and worker tasks `TF_CONFIG` names (0 without `TF_CONFIG`).
+
+    Raises:
+        ValueError: `TF_CONFIG` is not JSON with a `cluster` dict.
+    """
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return 0
+    try:
+        cluster = json.loads(text)["cluster"]
+        return sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            "TF_CONFIG must be JSON like {\"cluster\": {\"worker\": [\"host1:port\", "
+            "\"host2:port\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}. "
+            f"Received: TF_CONFIG={text[:200]!r} ({error})"
+        ) from error
+
+
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """The `tf.distribute.Strategy` for a `strategy` setting.
+
+    Args:
+        name: `"default"` (one device), `"mirrored"` (all GPUs of this machine,
+            or its CPU), `"multi_worker"` (`MultiWorkerMirroredStrategy` over the
+            machines `TF_CONFIG` names) or `"auto"`: `multi_worker` when
+            `TF_CONFIG` names more than one task, else `mirrored` when this
+            machine has more than one GPU, else `default`.
+
+    Create it first thing in a process: `MultiWorkerMirroredStrategy` configures
+    TensorFlow's collective ops, which must happen before TensorFlow runs.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"`strategy` must be one of {STRATEGIES}. Received: strategy={name!r}"
+        )
+    tasks = cluster_tasks()
+    if name == "auto":
+        if tasks > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if tasks == 0:
+        raise ValueError(
+            "--strategy multi_worker (strategy='multi_worker') needs TF_CONFIG in "
+            "the environment, naming every worker and this process's place among "
+            "them, e.g. TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:12345\", "
+            "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}'. "
+            "See the README's 'Scaling out'."
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+@dataclasses.dataclass
+class Workers:
+    """This process's place in a strategy: which worker, of how many.
+
+    Built by `Workers.of(strategy)`. On one machine there is one worker, the
+    chief, and `own_loop` is False: Keras' `fit` trains.
+    """
+
+    strategy: tf.distribute.Strategy
+    index: int = 0
+    count: int = 1
+    is_chief: bool = True
+    own_loop: bool = False
+
+    @classmethod
+    def of(cls, strategy: tf.distribute.Strategy) -> Workers:
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return cls(strategy)
+        resolver = strategy.cluster_resolver
+        spec = resolver.cluster_spec()
+        jobs = spec.jobs
+        count = sum(spec.num_tasks(job) for job in ("chief", "worker") if job in jobs)
+        task_type, task_id = resolver.task_type, int(resolver.task_id)
+        has_chief = "chief" in jobs
+        # The chief is the `chief` task if there is one, else worker 0 (as in
+        # tf.distribute's own convention); it is input pipeline 0.
+        index = task_id + (1 if has_chief and task_type == "worker" else 0)
+        is_chief = task_type == "chief" or (not has_chief and task_id == 0)
+        return cls(strategy, index, count, is_chief, own_loop=True)
+
+    @property
+    def name(self) -> str:
+        """`"multi_worker"`, `"mirrored"` or `"default"`, as in `make_strategy`."""
+        if self.own_loop:
+            return "multi_worker"
+        if isinstance(self.strategy, tf.distribute.MirroredStrategy):
+            return "mirrored"
+        return "default"
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    def shard(self, folder):
+        """The `ImageFolder` restricted to this worker's share of each split."""
+        if self.count == 1:
+            return folder
+        files = [f for f in folder.files if f.status != "used"]
+        for split in ("train", "validation", "test"):
+            files.extend(folder.used(split)[self.index::self.count])
+        return dataclasses.replace(folder, files=files)
+
+    def batch_size(self, global_batch_size: int) -> int:
+        """The batch each worker feeds per step: the global batch shared out."""
+        return max(1, global_batch_size // self.count)
+
+    def lockstep(self, dataset: tf.data.Dataset, total: int, global_batch_size: int):
+        """`(x, y, mask)` batches of this worker's shard, as many as every worker's.
+
+        Args:
+            dataset: This worker's `(x, y)` batches (any batch size, shuffled or
+                not): a shard of `total` examples split `index::count`.
+            total: The examples in all workers' shards together.
+            global_batch_size: Examples per step over all workers.
+
+        A shard one example short of the largest is padded with a copy of its
+        first example, masked out (mask 0), so that every worker runs
+        `ceil(ceil(total / count) / batch)` steps.
+        """
+        size = len(range(self.index, total, self.count))
+        if size == 0:
+            raise ValueError(
+                f"{total} images cannot be shared among {self.count} workers: each "
+                "worker needs at least one. Use fewer workers or more images."
+            )
+        largest = math.ceil(total / self.count)
+        examples = dataset.unbatch().map(lambda x, y: (x, y, tf.ones((), "float32")))
+        if largest > size:
+            padding = examples.take(1).map(lambda x, y, m: (x, y, tf.zeros_like(m)))
+            examples = examples.concatenate(padding.repeat(largest - size))
+        options = tf.data.Options()
+        # Already sharded, by image: tf.distribute must not shard it again.
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
+        batched = examples.batch(self.batch_size(global_batch_size))
+        return batched.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+    def agree(self, value: int, what: str) -> None:
+        """Checks that every worker holds the same `value`; raises if not."""
+        if not self.own_loop:
+            return
+        strategy = self.strategy
+
+        @tf.function
+        def gather():
+            return strategy.gather(
+                strategy.run(lambda: tf.constant([value], "int64")), axis=0)
+
+        values = gather().numpy()
+        if len(set(values.tolist())) > 1:
+            raise RuntimeError(
+                f"The workers disagree on {what}: {sorted(set(values.tolist()))}. "
+                "Their run folders hold different checkpoints; start them all "
+                "with --overwrite (overwrite=True)."
+            )
+
+
+def distributed_fit(
+    workers: Workers,
+    model: keras.Model,
+    train: tf.data.Dataset,
+    validation: tf.data.Dataset,
+    epochs: int,
+    initial_epoch: int = 0,
+    callbacks: Optional[list] = None,
+    class_weight: Optional[dict] = None,
+    verbose="auto",
+) -> keras.callbacks.History:
+    """`model.fit` for a compiled classifier, run through `strategy.run`.
+
+    For strategies under which Keras' `fit` fails (see the module docstring).
+    The model must have been built and compiled (Adam or any Keras optimizer)
+    under `workers.strategy.scope()`; its loss is sparse cross-entropy on
+    logits, its metric accuracy, as `compile_classifier` sets.
+
+    Args:
+        workers: See `Workers`.
+        model: The compiled model.
+        train: `(x, y, mask)` batches from `Workers.lockstep`.
+        validation: The same, for validation.
+        epochs: Index of the last epoch, as in `fit`.
+        initial_epoch: As in `fit`. Defaults to `0`.
+        callbacks: Keras callbacks; `on_epoch_end` gets `loss`, `accuracy`,
+            `val_loss` and `val_accuracy` over all workers' examples.
+        class_weight: Optional `{label: weight}`, as in `fit`.
+        verbose: `0` for silence; otherwise one line per epoch.
+
+    Returns:
+        A `keras.callbacks.History`.
+    """
+    strategy = workers.strategy
+    optimizer = model.optimizer
+    num_classes = int(model.outputs[0].shape[-1])
+    weights = None
+    if class_weight:
+        weights = tf.constant(
+            [float(class_weight.get(i, 1.0)) for i in range(num_classes)], "float32"
+        )
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None
+    )
+
+    def sums(x, y, mask, training):
+        # Loss and accuracy of this replica's examples, as sums: reduced over all
+        # replicas they give the means over the global batch.
+        y = tf.cast(y, "int32")
+        count = tf.distribute.get_replica_context().all_reduce("sum", tf.reduce_sum(mask))
+        # Class weights weigh the training loss only, as in `fit`.
+        scale = mask if weights is None or not training else mask * tf.gather(weights, y)
+        logits = model(x, training=training)
+        losses = cross_entropy(y, logits) * scale
+        # The mean over the global batch, as Keras' "sum_over_batch_size".
+        loss = tf.reduce_sum(losses) / tf.maximum(count, 1.0)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type="int32"), y),
+                          "float32")
+        return loss, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * mask),
+                               tf.reduce_sum(mask)])
+
+    def train_replica(x, y, mask):
+        with tf.GradientTape() as tape:
+            loss, totals = sums(x, y, mask, training=True)
+            # Under mixed float16 the optimizer is a LossScaleOptimizer (Keras
+            # wraps it in `compile`): it scales here and unscales in `apply`.
+            scaled = optimizer.scale_loss(loss)
+        variables = model.trainable_variables
+        optimizer.apply(tape.gradient(scaled, variables), variables)
+        return totals
+
+    def test_replica(x, y, mask):
+        return sums(x, y, mask, training=False)[1]
+
+    @tf.function
+    def train_step(batch):
+        return strategy.reduce("sum", strategy.run(train_replica, args=batch), None)
+
+    @tf.function
+    def test_step(batch):
+        return strategy.reduce("sum", strategy.run(test_replica, args=batch), None)
+
+    def run_epoch(dataset, step):
+        totals = np.zeros(3)
+        for batch in strategy.experimental_distribute_dataset(dataset):
+            totals += step(batch).numpy()
+        count = max(totals[2], 1.0)
+        return totals[0] / count, totals[1] / count
+
+    history = keras.callbacks.History()
+    callback_list = keras.callbacks.CallbackList(
+        [*(callbacks or []), history], model=model, epochs=epochs
+    )
+    callback_list.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        callback_list.on_epoch_begin(epoch)
+        start = time.perf_counter()
+        loss, accuracy = run_epoch(train, train_step)
+        val_loss, val_accuracy = run_epoch(validation, test_step)
+        logs = {"accuracy": accuracy, "loss": loss,
+                "val_accuracy": val_accuracy, "val_loss": val_loss}
+        if verbose != 0:
+            print(f"Epoch {epoch + 1}/{epochs} - {time.perf_counter() - start:.1f}s - "
+                  + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+        callback_list.on_epoch_end(epoch, logs)
+    callback_list.on_train_end()
+    return history
