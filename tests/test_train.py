@@ -49,3 +49,24 @@ def test_unfreeze_top_keeps_batchnorm_frozen():
     assert all(not layer.trainable for layer in top
                if layer.__class__.__name__ == "BatchNormalization")
     assert all(not layer.trainable_weights for layer in network.layers[:-20])
+
+
+def test_jit_auto_follows_the_measurements_on_cpu():
+    import keras
+    import pytest
+    import tensorflow as tf
+
+    from tftransfer.train import jit_for
+
+    depthwise = load_backbone("mobilenet_v2", weights=None, image_size=32, alpha=0.35)
+    plain = load_backbone("vgg16", weights=None, image_size=32)
+    head = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    for model in (depthwise, plain, head):
+        assert jit_for("on", model) is True
+        assert jit_for("off", model) is False
+    if not tf.config.list_physical_devices("GPU"):
+        assert jit_for("auto", depthwise) is False  # XLA ran it 6x slower here
+        assert jit_for("auto", build_classifier(plain, 3)) is True
+        assert jit_for("auto", head) is False
+    with pytest.raises(ValueError, match="must be one of"):
+        jit_for("yes", head)

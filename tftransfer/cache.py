@@ -266,6 +266,7 @@ def cached_outputs(
     batch_size: int = 32,
     keep: bool = True,
     verbose="auto",
+    jit_compile: bool = False,
 ) -> tuple:
     """Runs a frozen network once over the images not yet in `cache`.
 
@@ -285,6 +286,8 @@ def cached_outputs(
             hold, e.g. activations for fine-tuning) only the cache is filled and
             `None` is returned. Defaults to `True`.
         verbose: Progress bar. Defaults to `"auto"`.
+        jit_compile: Compile the forward pass with XLA (see `train.jit_for`).
+            Defaults to `False`.
 
     Returns:
         `(outputs, CacheStats)`; outputs is a float32 array (or `None`).
@@ -320,6 +323,7 @@ def cached_outputs(
             forward = tf.function(
                 lambda pixels: network(pixels, training=False),
                 input_signature=[tf.TensorSpec([None, image_size, image_size, 3])],
+                jit_compile=jit_compile,
             )
             dataset = make_dataset([paths[i] for i in order], indices, image_size,
                                    batch_size)

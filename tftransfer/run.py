@@ -62,11 +62,13 @@ from tftransfer.report import class_imbalance, data_report, summarize_data
 from tftransfer.train import (
     FINE_TUNE_LEARNING_RATE,
     HEAD_LEARNING_RATE,
+    JIT_SETTINGS,
     HistoryCSV,
     balanced_class_weights,
     compile_classifier,
     default_fine_tune_layers,
     feature_dataset,
+    jit_for,
     unfreeze_top,
 )
 
@@ -110,6 +112,9 @@ class TrainConfig:
             float16 on a GPU of compute capability 7.0 or more (Tensor Cores)
             and off elsewhere: on CPUs float16 is emulated and slower. The head
             and its softmax stay float32. Defaults to `"auto"`.
+        jit: `"auto"`, `"on"` or `"off"`: compile the backbone's forward passes
+            and the training steps with XLA. `"auto"` decides per network, where
+            it was measured to pay (see `jit_for`). Defaults to `"auto"`.
         strategy: `"auto"`, `"default"`, `"mirrored"` or `"multi_worker"`; see
             `make_strategy`. With `"multi_worker"` every machine runs the same
             command with its own `TF_CONFIG`; `batch_size` is the global batch,
@@ -140,6 +145,7 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     cache: bool = True
     mixed_precision: str = "auto"
+    jit: str = "auto"
     strategy: str = "auto"
     overwrite: bool = False
     verbose: object = "auto"
@@ -163,6 +169,10 @@ class TrainConfig:
             raise ValueError(
                 f"`mixed_precision` must be one of {PRECISIONS}. "
                 f"Received: mixed_precision={self.mixed_precision!r}"
+            )
+        if self.jit not in JIT_SETTINGS:
+            raise ValueError(
+                f"`jit` must be one of {JIT_SETTINGS}. Received: jit={self.jit!r}"
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(
@@ -310,6 +320,7 @@ class _Phases:
         if config.cache and not config.augment:
             self.cache_dir = config.cache_dir or default_cache_dir()
         self.report = {}
+        self.xla = {}  # Which stage ran with XLA, for the summary.
         self.class_weight = None
         if config.class_weight == "auto":
             _, labels = all_files.paths_and_labels("train")
@@ -356,6 +367,11 @@ class _Phases:
                 self._say("warning: the optimizer state in the checkpoint does not "
                           "fit; it starts afresh")
 
+    def _jit(self, stage, model):
+        """`jit_for` the run's `--jit` setting; remembered for the summary."""
+        self.xla[stage] = jit_for(self.config.jit, model)
+        return self.xla[stage]
+
     def _outputs(self, network, cache, split, keep=True):
         files = self.folder.used(split)
         outputs, stats = cached_outputs(
@@ -367,6 +383,7 @@ class _Phases:
             self.config.batch_size,
             keep=keep,
             verbose=self.config.verbose,
+            jit_compile=self._jit("forward", network),
         )
         for name, value in stats._asdict().items():
             self.report[name] = self.report.get(name, 0) + value
@@ -386,7 +403,8 @@ class _Phases:
             return
         if config.augment:
             # Random views change every epoch: the backbone runs on each of them.
-            compile_classifier(self.model, config.learning_rate)
+            compile_classifier(self.model, config.learning_rate,
+                               self._jit("head", self.model))
             self._restore_optimizer(self.model, "head")
             self._fit(self.model, self.data.train, self.data.validation,
                       config.epochs, "head")
@@ -407,7 +425,8 @@ class _Phases:
             for split in ("train", "validation")
         }
         self._say_cache("Features", cache)
-        compile_classifier(self.head, config.learning_rate)
+        compile_classifier(self.head, config.learning_rate,
+                           self._jit("head", self.head))
         self._restore_optimizer(self.head, "head")
         self._fit(
             self.head,
@@ -477,7 +496,8 @@ class _Phases:
             inputs = keras.Input(shape, name="activations")
             logits = self.head(top(inputs, training=False))
             training_model = keras.Model(inputs, logits, name="classifier_top")
-        compile_classifier(training_model, config.fine_tune_learning_rate)
+        compile_classifier(training_model, config.fine_tune_learning_rate,
+                           self._jit("fine_tune", training_model))
         self._restore_optimizer(training_model, "fine_tune")
         self._fit(training_model, train, validation, end, "fine_tune")
         self.backbone.trainable = False
@@ -703,6 +723,7 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         "num_replicas_in_sync": workers.num_replicas_in_sync,
         "num_workers": workers.count,
         "is_chief": True,
+        "xla": phases.xla,
         "class_weight": phases.class_weight,
         "class_imbalance": imbalance,
         "resumed_from_epoch": state["epoch"] if state else None,

@@ -64,13 +64,54 @@ HEAD_LEARNING_RATE = 1e-2
 FINE_TUNE_LEARNING_RATE = 1e-4
 
 
-def compile_classifier(model: keras.Model, learning_rate: float) -> None:
-    """Adam, sparse cross-entropy on logits, and accuracy: both phases use these."""
+JIT_SETTINGS = ("auto", "on", "off")
+
+
+def compile_classifier(model: keras.Model, learning_rate: float,
+                       jit_compile="auto") -> None:
+    """Adam, sparse cross-entropy on logits, and accuracy: both phases use these.
+
+    `jit_compile` is passed to `compile` (see `jit_for`).
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        jit_compile=jit_compile,
     )
+
+
+def jit_for(setting: str, model: keras.Model) -> bool:
+    """Whether to compile `model`'s steps with XLA, for a `--jit` setting.
+
+    `"on"` and `"off"` are obeyed. `"auto"` turns XLA on where it was measured
+    to pay (benchmarks/xla.py, results in benchmarks/RESULTS.md):
+
+    - on GPUs, as Keras' own `jit_compile="auto"` does;
+    - on CPUs, only for convolutional networks without depthwise or separable
+      convolutions (VGG, ResNet, DenseNet...): XLA's CPU depthwise convolution
+      made MobileNet and EfficientNet several times slower. A head alone on
+      features (no convolution) is faster without XLA: its steps are too small
+      for compilation to pay. A TF-Hub module is opaque: no XLA on CPUs.
+    """
+    if setting not in JIT_SETTINGS:
+        raise ValueError(f"`jit` must be one of {JIT_SETTINGS}. Received: jit={setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    from tftransfer.hub import HubFeatureExtractor
+
+    layers, stack = [], list(model.layers)
+    while stack:  # Nested models (the backbone in the classifier) included.
+        layer = stack.pop()
+        layers.append(layer)
+        stack.extend(getattr(layer, "layers", []))
+    if any(isinstance(layer, (keras.layers.DepthwiseConv2D,
+                              keras.layers.SeparableConv2D, HubFeatureExtractor))
+           for layer in layers):
+        return False
+    return any(isinstance(layer, keras.layers.Conv2D) for layer in layers)
 
 
 def compute_features(
