@@ -134,3 +134,28 @@ def test_random_bytes_never_crash_the_scan(tmp_path):
         assert (f.status == "skipped") == bool(f.reason)
     assert sum(f.status == "skipped" for f in fuzz) >= 290
     assert len(folder.used("train")) + len(folder.used("validation")) >= 20
+
+
+def test_kept_decoded_images_are_replayed_without_reading_the_files(tmp_path):
+    from tftransfer.data import make_dataset
+    from tftransfer.demo import write_demo_images
+
+    folder = write_demo_images(str(tmp_path), images_per_class=4, image_size=40)
+    data = scan_image_folder(str(folder))
+    paths, labels = data.paths_and_labels("train")
+    copies = [shutil.copy(p, str(tmp_path / f"copy{i}.jpg")) for i, p in enumerate(paths)]
+    kept = make_dataset(copies, labels, 32, batch_size=5, shuffle=True,
+                        keep_decoded=True)
+    plain = make_dataset(paths, labels, 32, batch_size=5)
+
+    def sorted_pixels(dataset):
+        pixels = tf.concat([x for x, _ in dataset], 0).numpy()
+        return pixels[np.lexsort(pixels.reshape(len(pixels), -1).T[:50])]
+
+    first = sorted_pixels(kept)
+    np.testing.assert_array_equal(first, sorted_pixels(plain))
+    for path in copies:  # The files are gone: a second epoch must not read them.
+        os.remove(path)
+    np.testing.assert_array_equal(sorted_pixels(kept), first)
+    orders = [np.concatenate([y for _, y in kept]) for _ in range(3)]
+    assert any(not np.array_equal(orders[0], o) for o in orders[1:])  # reshuffled

