@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -126,11 +127,8 @@ def _free_ports(count):
     return ports
 
 
-@pytest.mark.shared
-def test_two_workers_train_one_model_on_hymenoptera(tmp_path):
-    """Issue 7's acceptance: two loopback workers, `--strategy multi_worker`."""
-    data = shared_path("data", "hymenoptera")
-    run = str(tmp_path / "run")
+def _start_workers(run, data, *args, extra=((), ())):
+    """Two `tftransfer train --strategy multi_worker` processes on loopback ports."""
     workers = [f"localhost:{port}" for port in _free_ports(2)]
     processes = []
     for index in range(2):
@@ -138,18 +136,34 @@ def test_two_workers_train_one_model_on_hymenoptera(tmp_path):
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "tftransfer", "train", data, "--output", run,
-             "--backbone", "mobilenet_v2", "--alpha", "0.35", "--epochs", "5",
-             "--strategy", "multi_worker", "--json"],
+             "--backbone", "mobilenet_v2", "--alpha", "0.35", "--strategy",
+             "multi_worker", "--json", *args, *extra[index]],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    return processes
+
+
+def _finish(processes, timeout=420):
+    """`(returncode, stdout, stderr)` of each; kills all if one overruns."""
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append((process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return results
+
+
+@pytest.mark.shared
+def test_two_workers_train_one_model_on_hymenoptera(tmp_path):
+    """Issue 7's acceptance: two loopback workers, `--strategy multi_worker`."""
+    data = shared_path("data", "hymenoptera")
+    run = str(tmp_path / "run")
     outputs = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=420)
-        finally:
-            for other in processes:
-                if other.poll() is None:
-                    other.kill()
-        assert process.returncode == 0, stderr[-3000:]
+    for code, stdout, stderr in _finish(_start_workers(run, data, "--epochs", "5")):
+        assert code == 0, stderr[-3000:]
         outputs.append(last_json(stdout))
     chief, worker = outputs
     for summary in outputs:
@@ -174,3 +188,45 @@ def test_two_workers_train_one_model_on_hymenoptera(tmp_path):
     out = served.signatures["serving_default"](image_bytes=contents)
     labels = [label.decode() for label in out["class_names"].numpy()]
     assert labels.count("bees") >= 6
+
+
+@pytest.mark.shared
+def test_killed_workers_resume_from_the_chiefs_checkpoint(tmp_path):
+    data = shared_path("data", "hymenoptera")
+    run = tmp_path / "run"
+    history = run / "history.csv"
+    processes = _start_workers(str(run), data, "--epochs", "8")
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in processes):
+        if history.exists() and len(history.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    for process in processes:
+        process.kill()
+        process.wait()
+    done = len(history.read_text().splitlines()) - 1
+    assert 2 <= done < 8, "the kill should land mid-run"
+    outputs = _finish(_start_workers(str(run), data, "--epochs", "8"))
+    resumed = set()
+    for code, stdout, stderr in outputs:
+        assert code == 0, stderr[-3000:]
+        resumed.add(last_json(stdout)["resumed_from_epoch"])
+        assert "Resuming from epoch" in stdout
+    assert len(resumed) == 1 and 2 <= resumed.pop() <= done
+    epochs = [row.split(",")[0] for row in history.read_text().splitlines()[1:]]
+    assert epochs == [str(e) for e in range(1, 9)]
+    assert sorted(os.listdir(run)) == sorted(
+        ["data_report.json", "history.csv", "labels.txt", "metrics.json",
+         "model.keras", "saved_model"])
+
+
+@pytest.mark.shared
+def test_a_worker_with_other_settings_is_refused(tmp_path):
+    data = shared_path("data", "hymenoptera")
+    run = str(tmp_path / "run")
+    (chief_code, _, chief_err), (code, _, stderr) = _finish(_start_workers(
+        run, data, "--epochs", "2", extra=((), ("--seed", "1"))))
+    assert code == 2 and "other settings or images than the chief" in stderr
+    assert "seed: 0 on the chief, 1 here" in stderr
+    assert chief_code == 2 and "Lost contact with the other workers" in chief_err
+    assert not os.path.exists(os.path.join(run, "metrics.json"))

@@ -31,7 +31,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.errors import WorkerError
+
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+# What collective ops raise when a peer has stopped or cannot be reached.
+LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError,
+                    tf.errors.UnknownError, tf.errors.AbortedError,
+                    tf.errors.DeadlineExceededError)
+
+
+def lost_worker(what: str, error: Exception) -> WorkerError:
+    """The error to raise when a collective op fails because a peer is gone."""
+    return WorkerError(
+        f"Lost contact with the other workers {what} ({type(error).__name__} in "
+        "a collective op). One of them "
+        "stopped: see its output. Start every worker again with the same command "
+        "to resume from the last finished epoch."
+    )
 
 
 def cluster_tasks() -> int:
@@ -182,24 +198,82 @@ class Workers:
         batched = examples.batch(self.batch_size(global_batch_size))
         return batched.prefetch(tf.data.AUTOTUNE).with_options(options)
 
-    def agree(self, value: int, what: str) -> None:
-        """Checks that every worker holds the same `value`; raises if not."""
-        if not self.own_loop:
-            return
+    def _broadcast(self, value: np.ndarray) -> np.ndarray:
+        """The chief's `value` on every worker (others pass zeros, same shape)."""
         strategy = self.strategy
 
         @tf.function
-        def gather():
-            return strategy.gather(
-                strategy.run(lambda: tf.constant([value], "int64")), axis=0)
+        def run(value):
+            def replica():
+                context = tf.distribute.get_replica_context()
+                # Replica 0 is the chief's first device; the rest add zeros.
+                first = tf.equal(context.replica_id_in_sync_group, 0)
+                return context.all_reduce(
+                    "sum", value * tf.cast(first, value.dtype))
+            return strategy.experimental_local_results(strategy.run(replica))[0]
 
-        values = gather().numpy()
-        if len(set(values.tolist())) > 1:
-            raise RuntimeError(
-                f"The workers disagree on {what}: {sorted(set(values.tolist()))}. "
-                "Their run folders hold different checkpoints; start them all "
-                "with --overwrite (overwrite=True)."
+        try:
+            return run(tf.constant(value)).numpy()
+        except LOST_PEER_ERRORS as error:
+            raise lost_worker("before training", error) from error
+
+    def share_state(self, state: Optional[dict], settings: dict) -> Optional[dict]:
+        """The chief's resume state, on every worker; checks their settings agree.
+
+        Only the chief's checkpoint counts: the others may have got one epoch
+        further or not before a kill, and would disagree. So the chief sends its
+        settings and its checkpoint (`RunCheckpoint.load`'s dict, or `None`) to
+        all, and every worker resumes from it.
+
+        Raises:
+            WorkerError: this worker runs with other settings or other data
+                than the chief, or another worker stopped.
+        """
+        if not self.own_loop:
+            return state
+        meta, arrays = {"settings": settings}, []
+        if self.is_chief and state is not None:
+            arrays = [*state["model"], *state["optimizer"]]
+            meta["state"] = {key: value for key, value in state.items()
+                             if key not in ("model", "optimizer")}
+            meta["arrays"] = [[list(a.shape), str(a.dtype)] for a in arrays]
+        text = json.dumps(meta, sort_keys=True).encode() if self.is_chief else b""
+        flat = (np.concatenate([a.ravel().astype("float32") for a in arrays])
+                if arrays else np.zeros(0, "float32"))
+        # float64 counts: exact far beyond float32's 2**24.
+        sizes = self._broadcast(np.array([len(text), flat.size], "float64"))
+        length, total = int(sizes[0]), int(sizes[1])
+        if not self.is_chief:
+            text, flat = b"\0" * length, np.zeros(total, "float32")
+        # Bytes as float32: exact for 0..255.
+        text = bytes(self._broadcast(np.frombuffer(text, "uint8").astype("float32"))
+                     .astype("uint8"))
+        meta = json.loads(text)
+        theirs = {k: v for k, v in meta["settings"].items() if k != "data_dir"}
+        ours = {k: v for k, v in settings.items() if k != "data_dir"}
+        different = sorted(k for k in set(theirs) | set(ours)
+                           if theirs.get(k) != ours.get(k))
+        if different:
+            raise WorkerError(
+                f"Worker {self.index} runs with other settings or images than the "
+                "chief: " + ", ".join(f"{k}: {theirs.get(k)!r} on the chief, "
+                                      f"{ours.get(k)!r} here" for k in different)
+                + ". Start every worker with the same command on the same images."
             )
+        if "state" not in meta:
+            return None
+        flat = self._broadcast(flat)  # Every worker takes part, the chief too.
+        if self.is_chief:
+            return state
+        arrays, offset = [], 0
+        for shape, dtype in meta["arrays"]:
+            size = int(np.prod(shape, dtype="int64"))
+            arrays.append(flat[offset:offset + size].reshape(shape).astype(dtype))
+            offset += size
+        shared = dict(meta["state"])
+        shared["model"] = arrays[: shared["num_model"]]
+        shared["optimizer"] = arrays[shared["num_model"]:]
+        return shared
 
 
 def distributed_fit(
@@ -299,8 +373,11 @@ def distributed_fit(
     for epoch in range(initial_epoch, epochs):
         callback_list.on_epoch_begin(epoch)
         start = time.perf_counter()
-        loss, accuracy = run_epoch(train, train_step)
-        val_loss, val_accuracy = run_epoch(validation, test_step)
+        try:
+            loss, accuracy = run_epoch(train, train_step)
+            val_loss, val_accuracy = run_epoch(validation, test_step)
+        except LOST_PEER_ERRORS as error:
+            raise lost_worker(f"in epoch {epoch + 1}", error) from error
         logs = {"accuracy": accuracy, "loss": loss,
                 "val_accuracy": val_accuracy, "val_loss": val_loss}
         if verbose != 0:

@@ -19,3 +19,7 @@ class WeightsUnavailableError(TransferError, RuntimeError):
 
 class RunFolderError(TransferError, FileExistsError):
     """A run folder already holds a finished run and `overwrite` was not given."""
+
+
+class WorkerError(TransferError, RuntimeError):
+    """Another worker of a multi-worker run stopped, or disagrees with this one."""

@@ -53,7 +53,14 @@ from tftransfer.checkpoint import (
     truncate_history,
 )
 from tftransfer.data import ImageFolder, image_folder_datasets, scan_image_folder
-from tftransfer.distribute import STRATEGIES, Workers, distributed_fit, make_strategy
+from tftransfer.distribute import (
+    LOST_PEER_ERRORS,
+    STRATEGIES,
+    Workers,
+    distributed_fit,
+    lost_worker,
+    make_strategy,
+)
 from tftransfer.errors import RunFolderError
 from tftransfer.export import export_saved_model, recover_interrupted, write_labels
 from tftransfer.heads import build_classifier
@@ -239,7 +246,7 @@ def check_run_folder(output: str, overwrite: bool) -> None:
 
 
 RUN_MARKERS = ("data_report.json", "checkpoint.npz", "history.csv", "metrics.json")
-# Workers other than the chief keep their checkpoint and history in
+# Workers other than the chief keep their history and data report in
 # RUN_DIR/.worker-N, and delete it when the run ends (see `_train_run`).
 WORKER_FOLDER_PREFIX = ".worker-"
 
@@ -330,11 +337,11 @@ class _Phases:
         _say(self.config, message)
 
     def _callbacks(self, training_model, phase, weights_model=None):
-        return [
-            HistoryCSV(self.history_path, phase),
-            self.checkpoint.callback(weights_model or self.model, training_model,
-                                     phase),
-        ]
+        callbacks = [HistoryCSV(self.history_path, phase)]
+        if self.workers.is_chief:  # Only the chief's checkpoint is resumed from.
+            callbacks.append(self.checkpoint.callback(
+                weights_model or self.model, training_model, phase))
+        return callbacks
 
     def _fit(self, training_model, train, validation, epochs, phase,
              weights_model=None):
@@ -575,7 +582,12 @@ def train_run(config: TrainConfig) -> dict:
     """
     workers = Workers.of(make_strategy(config.strategy))
     with dtype_policy_scope(config.mixed_precision):
-        return _train_run(config, workers)
+        try:
+            return _train_run(config, workers)
+        except LOST_PEER_ERRORS as error:
+            if not workers.own_loop:
+                raise
+            raise lost_worker("during the run", error) from error
 
 
 def _train_run(config: TrainConfig, workers: Workers) -> dict:
@@ -593,8 +605,8 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
 
     Across machines (`workers.own_loop`), each worker computes the features of
     its share of the images and trains on them in step with the others; the
-    chief writes the run folder, the other workers keep their checkpoints in
-    `RUN_DIR/.worker-N` until the run ends.
+    chief writes the run folder and the checkpoint every worker resumes from;
+    the others keep their history in `RUN_DIR/.worker-N` until the run ends.
 
     Returns:
         The summary written to `metrics.json`: `val_accuracy`, `seconds`,
@@ -618,11 +630,12 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
                      f"{imbalance:.1f}:1 (largest to smallest){advice}")
     checkpoint = RunCheckpoint(output, _run_settings(config, folder))
     history_path = os.path.join(output, "history.csv")
-    if config.overwrite:
+    if config.overwrite or not workers.is_chief:
         state = None
     else:
         state = checkpoint.load()
-    workers.agree(state["epoch"] if state else 0, "the epoch to resume from")
+    # Across machines every worker resumes from the chief's checkpoint.
+    state = workers.share_state(state, checkpoint.settings)
     with workers.strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size,
                                  config.alpha)
@@ -647,8 +660,8 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         _remove(history_path)
     else:
         truncate_history(history_path, state["epoch"])
-        _say(config, f"Resuming from epoch {state['epoch']} "
-                     f"(checkpoint in {checkpoint.path})")
+        where = checkpoint.path if workers.is_chief else "the chief's checkpoint"
+        _say(config, f"Resuming from epoch {state['epoch']} ({where})")
     write_json_atomically(os.path.join(output, "data_report.json"), report)
     # Outside the strategy's scope: the random layers' seed state lives in the
     # tf.data pipeline, not among the replicated variables.
