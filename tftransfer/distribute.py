@@ -162,10 +162,6 @@ class Workers:
             files.extend(folder.used(split)[self.index::self.count])
         return dataclasses.replace(folder, files=files)
 
-    def batch_size(self, global_batch_size: int) -> int:
-        """The batch each worker feeds per step: the global batch shared out."""
-        return max(1, global_batch_size // self.count)
-
     def lockstep(self, dataset: tf.data.Dataset, total: int, global_batch_size: int):
         """`(x, y, mask)` batches of this worker's shard, as many as every worker's.
 
@@ -176,8 +172,11 @@ class Workers:
             global_batch_size: Examples per step over all workers.
 
         A shard one example short of the largest is padded with a copy of its
-        first example, masked out (mask 0), so that every worker runs
-        `ceil(ceil(total / count) / batch)` steps.
+        first example, masked out (mask 0), so that every worker runs as many
+        steps. Batches are of the global size: `experimental_distribute_dataset`
+        cuts each into one piece per replica of the cluster, and (shard policy
+        OFF) this worker's replicas take its pieces one after the other, so a
+        step takes `global_batch_size / count` examples from each worker.
         """
         size = len(range(self.index, total, self.count))
         if size == 0:
@@ -195,8 +194,25 @@ class Workers:
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF
         )
-        batched = examples.batch(self.batch_size(global_batch_size))
+        batched = examples.batch(global_batch_size)
         return batched.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+    def everyone(self, flag: bool) -> bool:
+        """Whether `flag` holds on every worker (a collective op across machines)."""
+        if not self.own_loop:
+            return flag
+        strategy = self.strategy
+        dissent = tf.constant(0.0 if flag else 1.0)
+
+        @tf.function
+        def count(dissent):
+            return strategy.reduce(
+                "sum", strategy.run(lambda: tf.identity(dissent)), axis=None)
+
+        try:
+            return float(count(dissent).numpy()) == 0.0
+        except LOST_PEER_ERRORS as error:
+            raise lost_worker("during the run", error) from error
 
     def _broadcast(self, value: np.ndarray) -> np.ndarray:
         """The chief's `value` on every worker (others pass zeros, same shape)."""
@@ -301,8 +317,10 @@ def distributed_fit(
         validation: The same, for validation.
         epochs: Index of the last epoch, as in `fit`.
         initial_epoch: As in `fit`. Defaults to `0`.
-        callbacks: Keras callbacks; `on_epoch_end` gets `loss`, `accuracy`,
-            `val_loss` and `val_accuracy` over all workers' examples.
+        callbacks: Keras callbacks, called at the beginning and end of training
+            and of each epoch (not of each batch); `on_epoch_end` gets `loss`,
+            `accuracy`, `val_loss` and `val_accuracy` over all workers'
+            examples, and setting `model.stop_training` stops after the epoch.
         class_weight: Optional `{label: weight}`, as in `fit`.
         verbose: `0` for silence; otherwise one line per epoch.
 
@@ -332,6 +350,11 @@ def distributed_fit(
         losses = cross_entropy(y, logits) * scale
         # The mean over the global batch, as Keras' "sum_over_batch_size".
         loss = tf.reduce_sum(losses) / tf.maximum(count, 1.0)
+        if training and model.losses:
+            # Regularization (e.g. a hub module's): each replica adds its share,
+            # the gradients' all-reduce sums the shares.
+            loss += tf.add_n([tf.cast(x, "float32") for x in model.losses]) / (
+                strategy.num_replicas_in_sync)
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type="int32"), y),
                           "float32")
         return loss, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * mask),
@@ -344,7 +367,21 @@ def distributed_fit(
             # wraps it in `compile`): it scales here and unscales in `apply`.
             scaled = optimizer.scale_loss(loss)
         variables = model.trainable_variables
-        optimizer.apply(tape.gradient(scaled, variables), variables)
+        gradients = tape.gradient(scaled, variables)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # The LossScaleOptimizer skips a step when its replica's gradients
+            # overflow, judged before they are all-reduced: replicas could
+            # disagree, one skipping the all-reduce the others wait in. So an
+            # overflow anywhere makes every replica's gradients non-finite.
+            overflow = tf.cast(tf.logical_not(tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in gradients
+                 if g is not None])), "float32")
+            anywhere = tf.distribute.get_replica_context().all_reduce(
+                "sum", overflow) > 0
+            gradients = [None if g is None else
+                         g + tf.cast(tf.where(anywhere, float("nan"), 0.0), g.dtype)
+                         for g in gradients]
+        optimizer.apply(gradients, variables)
         return totals
 
     def test_replica(x, y, mask):
@@ -359,11 +396,12 @@ def distributed_fit(
         return strategy.reduce("sum", strategy.run(test_replica, args=batch), None)
 
     def run_epoch(dataset, step):
-        totals = np.zeros(3)
+        totals, steps = np.zeros(3), 0
         for batch in strategy.experimental_distribute_dataset(dataset):
             totals += step(batch).numpy()
+            steps += 1
         count = max(totals[2], 1.0)
-        return totals[0] / count, totals[1] / count
+        return totals[0] / count, totals[1] / count, steps
 
     history = keras.callbacks.History()
     callback_list = keras.callbacks.CallbackList(
@@ -374,15 +412,18 @@ def distributed_fit(
         callback_list.on_epoch_begin(epoch)
         start = time.perf_counter()
         try:
-            loss, accuracy = run_epoch(train, train_step)
-            val_loss, val_accuracy = run_epoch(validation, test_step)
+            loss, accuracy, steps = run_epoch(train, train_step)
+            val_loss, val_accuracy, _ = run_epoch(validation, test_step)
         except LOST_PEER_ERRORS as error:
             raise lost_worker(f"in epoch {epoch + 1}", error) from error
         logs = {"accuracy": accuracy, "loss": loss,
                 "val_accuracy": val_accuracy, "val_loss": val_loss}
         if verbose != 0:
-            print(f"Epoch {epoch + 1}/{epochs} - {time.perf_counter() - start:.1f}s - "
+            print(f"Epoch {epoch + 1}/{epochs} - {steps} steps - "
+                  f"{time.perf_counter() - start:.1f}s - "
                   + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
         callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:  # e.g. EarlyStopping
+            break
     callback_list.on_train_end()
     return history

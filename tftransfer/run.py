@@ -45,6 +45,7 @@ from tftransfer.cache import (
     default_cache_dir,
     feature_cache_key,
     open_cache,
+    weights_fingerprint,
 )
 from tftransfer.checkpoint import (
     RunCheckpoint,
@@ -52,7 +53,12 @@ from tftransfer.checkpoint import (
     restore_weights,
     truncate_history,
 )
-from tftransfer.data import ImageFolder, image_folder_datasets, scan_image_folder
+from tftransfer.data import (
+    DECODED_CACHE_BYTES,
+    ImageFolder,
+    image_folder_datasets,
+    scan_image_folder,
+)
 from tftransfer.distribute import (
     LOST_PEER_ERRORS,
     STRATEGIES,
@@ -277,8 +283,9 @@ def _run_settings(config: TrainConfig, folder: ImageFolder) -> dict:
     settings = dataclasses.asdict(config)
     # `cache` stays: it decides whether fine-tuning trains from activations,
     # and so which optimizer state the checkpoint holds.
-    # `strategy` goes: a run may resume on another machine or cluster.
-    for name in ("output", "overwrite", "verbose", "cache_dir", "strategy"):
+    # `strategy` and `jit` go: a run may resume on another machine or cluster,
+    # with or without XLA.
+    for name in ("output", "overwrite", "verbose", "cache_dir", "strategy", "jit"):
         settings.pop(name)
     settings["data_dir"] = os.path.abspath(config.data_dir)
     data = hashlib.sha256()
@@ -376,7 +383,9 @@ class _Phases:
 
     def _jit(self, stage, model):
         """`jit_for` the run's `--jit` setting; remembered for the summary."""
-        self.xla[stage] = jit_for(self.config.jit, model)
+        # Across machines the training steps are our own, never compiled by XLA.
+        own_step = self.workers.own_loop and stage != "forward"
+        self.xla[stage] = not own_step and jit_for(self.config.jit, model)
         return self.xla[stage]
 
     def _outputs(self, network, cache, split, keep=True):
@@ -485,6 +494,12 @@ class _Phases:
                           "or the cache could not be written); fine-tuning runs "
                           "on the images.")
                 cache = None
+        if cut is not None and not self.workers.everyone(cache is not None):
+            # Every worker must build the same model and take the same steps.
+            if cache is not None:
+                self._say("Another worker could not cache its activations; "
+                          "fine-tuning runs on the images.")
+            cache = None
         if cache is not None:
             shape = tuple(top.input.shape[1:])
             splits = {}
@@ -674,6 +689,9 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         seed=config.seed,
         augment=augment,
         folder=share,
+        # Keras' fit under MirroredStrategy peeks at a batch through an iterator
+        # of its own, which would decode a whole split into memory and drop it.
+        memory_budget=0 if workers.name == "mirrored" else DECODED_CACHE_BYTES,
     )
     with workers.strategy.scope():
         model = build_classifier(backbone, len(folder.class_names), config.dropout)
@@ -688,7 +706,7 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         from_activations = phases.fine_tune_phase()
     history = read_history(history_path)
     if not workers.is_chief:
-        return _end_worker(config, workers, output, history, start, state)
+        return _end_worker(config, workers, output, history, start, state, model)
     if share is not folder:
         data = image_folder_datasets(config.data_dir, config.image_size,
                                      config.batch_size, folder=folder)
@@ -736,6 +754,7 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         "num_replicas_in_sync": workers.num_replicas_in_sync,
         "num_workers": workers.count,
         "is_chief": True,
+        "weights_sha256": weights_fingerprint(model),
         "xla": phases.xla,
         "class_weight": phases.class_weight,
         "class_imbalance": imbalance,
@@ -750,7 +769,7 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
     return summary
 
 
-def _end_worker(config, workers, output, history, start, state) -> dict:
+def _end_worker(config, workers, output, history, start, state, model) -> dict:
     """A worker other than the chief removes its folder and reports briefly."""
     shutil.rmtree(output, ignore_errors=True)
     return {
@@ -765,6 +784,8 @@ def _end_worker(config, workers, output, history, start, state) -> dict:
         "strategy": workers.name,
         "num_replicas_in_sync": workers.num_replicas_in_sync,
         "num_workers": workers.count,
+        # The chief's says the same when all workers trained the same model.
+        "weights_sha256": weights_fingerprint(model),
         "history": history,
     }
 

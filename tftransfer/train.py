@@ -87,10 +87,11 @@ def jit_for(setting: str, model: keras.Model) -> bool:
     `"on"` and `"off"` are obeyed. `"auto"` turns XLA on where it was measured
     to pay (benchmarks/xla.py, results in benchmarks/RESULTS.md):
 
-    - on GPUs, as Keras' own `jit_compile="auto"` does;
-    - on CPUs, only for convolutional networks without depthwise or separable
-      convolutions (VGG, ResNet, DenseNet...): XLA's CPU depthwise convolution
-      made MobileNet and EfficientNet several times slower. A head alone on
+    - on GPUs, as Keras' own `jit_compile="auto"` does, and as it, not under
+      a `tf.distribute` strategy's scope;
+    - on CPUs, only for convolutional networks without depthwise, separable
+      or grouped convolutions (VGG, ResNet, DenseNet...): XLA's CPU depthwise
+      convolution made MobileNet and EfficientNet several times slower. A head alone on
       features (no convolution) is faster without XLA: its steps are too small
       for compilation to pay. A TF-Hub module is opaque: no XLA on CPUs.
     """
@@ -98,6 +99,8 @@ def jit_for(setting: str, model: keras.Model) -> bool:
         raise ValueError(f"`jit` must be one of {JIT_SETTINGS}. Received: jit={setting!r}")
     if setting != "auto":
         return setting == "on"
+    if tf.distribute.has_strategy():
+        return False  # As Keras' own "auto" under a tf.distribute strategy.
     if tf.config.list_physical_devices("GPU"):
         return True
     from tftransfer.hub import HubFeatureExtractor
@@ -109,6 +112,7 @@ def jit_for(setting: str, model: keras.Model) -> bool:
         stack.extend(getattr(layer, "layers", []))
     if any(isinstance(layer, (keras.layers.DepthwiseConv2D,
                               keras.layers.SeparableConv2D, HubFeatureExtractor))
+           or getattr(layer, "groups", 1) > 1  # ConvNeXt's depthwise Conv2D
            for layer in layers):
         return False
     return any(isinstance(layer, keras.layers.Conv2D) for layer in layers)
