@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import keras
 
-from tftransfer.errors import WeightsUnavailableError
+from tftransfer.errors import WeightsUnavailableError, check_choice
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "unit", "none")
 HUB_PREFIX = "hub:"
@@ -51,11 +51,7 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Adds `spec` to the registry under `spec.name` and returns it."""
-    if spec.preprocessing not in PREPROCESSING_MODES:
-        raise ValueError(
-            f"`preprocessing` must be one of {PREPROCESSING_MODES}. "
-            f"Received: preprocessing={spec.preprocessing!r}"
-        )
+    check_choice("preprocessing", spec.preprocessing, PREPROCESSING_MODES)
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -122,10 +118,7 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode: str = "tf", **kwargs):
         super().__init__(**kwargs)
-        if mode not in PREPROCESSING_MODES:
-            raise ValueError(
-                f"`mode` must be one of {PREPROCESSING_MODES}. Received: mode={mode!r}"
-            )
+        check_choice("mode", mode, PREPROCESSING_MODES)
         self.mode = mode
 
     def call(self, inputs):

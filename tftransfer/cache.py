@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.data import RESIZE_METHOD, make_dataset
+from tftransfer.errors import check_choice
 
 FORMAT_VERSION = "v1"
 HEADER_SIZE = 64
@@ -108,10 +109,7 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str, key: dict, dtype: str = "float32"):
-        if dtype not in _DTYPES:
-            raise ValueError(
-                f"`dtype` must be one of {sorted(_DTYPES)}. Received: dtype={dtype!r}"
-            )
+        check_choice("dtype", dtype, sorted(_DTYPES))
         self.key = {**key, "dtype": dtype}
         self.dtype = np.dtype(dtype)
         name = hashlib.sha256(

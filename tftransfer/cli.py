@@ -21,8 +21,22 @@ def _add_json(parser):
     )
 
 
+def _add_mixed_precision(parser, what):
+    from tftransfer.run import PRECISIONS
+
+    parser.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default="auto",
+        help=f"dtype policy of {what}; auto: float16 on GPUs with Tensor Cores, "
+        "off elsewhere (default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tftransfer.backbones import backbone_names
+    from tftransfer.distribute import STRATEGIES
+    from tftransfer.train import JIT_SETTINGS
 
     parser = argparse.ArgumentParser(
         prog="tftransfer",
@@ -133,23 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compute backbone features in memory, without the on-disk cache",
     )
-    train.add_argument(
-        "--mixed-precision",
-        choices=["auto", "off", "float16", "bfloat16"],
-        default="auto",
-        help="dtype policy of the backbone; auto: float16 on GPUs with Tensor "
-        "Cores, off elsewhere (default: auto)",
-    )
+    _add_mixed_precision(train, "the backbone")
     train.add_argument(
         "--jit",
-        choices=["auto", "on", "off"],
+        choices=JIT_SETTINGS,
         default="auto",
         help="compile with XLA; auto: on GPUs, and on CPUs for networks without "
         "depthwise convolutions, where it was measured to pay (default: auto)",
     )
     train.add_argument(
         "--strategy",
-        choices=["auto", "default", "mirrored", "multi_worker"],
+        choices=STRATEGIES,
         default="auto",
         help="tf.distribute strategy; multi_worker trains on the machines TF_CONFIG "
         "names, --batch-size being the global batch; auto: multi_worker when "
@@ -212,12 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--cache-dir", metavar="DIR", help="feature cache folder")
     distill.add_argument("--no-cache", action="store_true",
                          help="compute teacher logits and features in memory")
-    distill.add_argument(
-        "--mixed-precision", choices=["auto", "off", "float16", "bfloat16"],
-        default="auto",
-        help="dtype policy of the student's backbone; auto: float16 on GPUs with "
-        "Tensor Cores, off elsewhere (default: auto)",
-    )
+    _add_mixed_precision(distill, "the student's backbone")
     distill.add_argument("--overwrite", action="store_true",
                          help="replace a finished run in RUN_DIR")
     _add_json(distill)

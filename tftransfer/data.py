@@ -427,13 +427,14 @@ def image_folder_datasets(
     ['daisy', 'rose']
     """
     folder = folder or scan_image_folder(data_dir, validation_split, seed)
-    budget = [memory_budget]
+    budget = memory_budget
 
     def fits(split):
+        nonlocal budget
         size = len(folder.used(split)) * image_size * image_size * 3 * 4
-        if size > budget[0]:
+        if size > budget:
             return False
-        budget[0] -= size
+        budget -= size
         return True
 
     train = make_dataset(

@@ -29,7 +29,7 @@ from tftransfer.cache import (
 )
 from tftransfer.data import RESIZE_METHOD, decode_image
 from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
-from tftransfer.errors import DataError, RunFolderError, TransferError
+from tftransfer.errors import DataError, RunFolderError, TransferError, check_choice
 from tftransfer.heads import build_classifier
 from tftransfer.run import (
     PRECISIONS,
@@ -200,11 +200,7 @@ class DistillConfig:
                 "`student_loss_weight` must be between 0 and 1. "
                 f"Received: student_loss_weight={self.student_loss_weight}"
             )
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(
-                f"`mixed_precision` must be one of {PRECISIONS}. "
-                f"Received: mixed_precision={self.mixed_precision!r}"
-            )
+        check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         self.student = get_backbone_spec(self.student).name
         if self.output is None:
             data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"

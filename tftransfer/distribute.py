@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.errors import WorkerError
+from tftransfer.errors import WorkerError, check_choice
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 # What collective ops raise when a peer has stopped or cannot be reached.
@@ -83,10 +83,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     Create it first thing in a process: `MultiWorkerMirroredStrategy` configures
     TensorFlow's collective ops, which must happen before TensorFlow runs.
     """
-    if name not in STRATEGIES:
-        raise ValueError(
-            f"`strategy` must be one of {STRATEGIES}. Received: strategy={name!r}"
-        )
+    check_choice("strategy", name, STRATEGIES)
     tasks = cluster_tasks()
     if name == "auto":
         if tasks > 1:
@@ -209,10 +206,7 @@ class Workers:
             return strategy.reduce(
                 "sum", strategy.run(lambda: tf.identity(dissent)), axis=None)
 
-        try:
-            return float(count(dissent).numpy()) == 0.0
-        except LOST_PEER_ERRORS as error:
-            raise lost_worker("during the run", error) from error
+        return float(count(dissent).numpy()) == 0.0
 
     def _broadcast(self, value: np.ndarray) -> np.ndarray:
         """The chief's `value` on every worker (others pass zeros, same shape)."""
@@ -228,10 +222,7 @@ class Workers:
                     "sum", value * tf.cast(first, value.dtype))
             return strategy.experimental_local_results(strategy.run(replica))[0]
 
-        try:
-            return run(tf.constant(value)).numpy()
-        except LOST_PEER_ERRORS as error:
-            raise lost_worker("before training", error) from error
+        return run(tf.constant(value)).numpy()
 
     def share_state(self, state: Optional[dict], settings: dict) -> Optional[dict]:
         """The chief's resume state, on every worker; checks their settings agree.
@@ -243,7 +234,8 @@ class Workers:
 
         Raises:
             WorkerError: this worker runs with other settings or other data
-                than the chief, or another worker stopped.
+                than the chief. (When another worker has stopped, the collective
+                ops raise one of `LOST_PEER_ERRORS`; `train_run` reports it.)
         """
         if not self.own_loop:
             return state

@@ -23,3 +23,11 @@ class RunFolderError(TransferError, FileExistsError):
 
 class WorkerError(TransferError, RuntimeError):
     """Another worker of a multi-worker run stopped, or disagrees with this one."""
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raises `ValueError` naming `name`'s choices unless `value` is one of them."""
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {choices}. Received: {name}={value!r}"
+        )

@@ -67,7 +67,7 @@ from tftransfer.distribute import (
     lost_worker,
     make_strategy,
 )
-from tftransfer.errors import RunFolderError
+from tftransfer.errors import RunFolderError, check_choice
 from tftransfer.export import export_saved_model, recover_interrupted, write_labels
 from tftransfer.heads import build_classifier
 from tftransfer.hub import hub_layer
@@ -178,20 +178,9 @@ class TrainConfig:
                 raise ValueError(
                     f"`{name}` must be > 0. Received: {name}={getattr(self, name)}"
                 )
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(
-                f"`mixed_precision` must be one of {PRECISIONS}. "
-                f"Received: mixed_precision={self.mixed_precision!r}"
-            )
-        if self.jit not in JIT_SETTINGS:
-            raise ValueError(
-                f"`jit` must be one of {JIT_SETTINGS}. Received: jit={self.jit!r}"
-            )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"`strategy` must be one of {STRATEGIES}. "
-                f"Received: strategy={self.strategy!r}"
-            )
+        check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        check_choice("jit", self.jit, JIT_SETTINGS)
+        check_choice("strategy", self.strategy, STRATEGIES)
         if self.class_weight not in (None, "auto"):
             raise ValueError(
                 "`class_weight` must be 'auto' or None. "
@@ -754,7 +743,8 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         "num_replicas_in_sync": workers.num_replicas_in_sync,
         "num_workers": workers.count,
         "is_chief": True,
-        "weights_sha256": weights_fingerprint(model),
+        # Across machines, the other workers' summaries say the same.
+        "weights_sha256": weights_fingerprint(model) if workers.count > 1 else None,
         "xla": phases.xla,
         "class_weight": phases.class_weight,
         "class_imbalance": imbalance,

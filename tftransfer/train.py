@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.backbones import backbone_network
+from tftransfer.errors import check_choice
 
 # Keras warns on every `fit` over a dataset that its default `shuffle=True` is
 # ignored; our datasets shuffle themselves, so the warning only misleads.
@@ -95,8 +96,7 @@ def jit_for(setting: str, model: keras.Model) -> bool:
       features (no convolution) is faster without XLA: its steps are too small
       for compilation to pay. A TF-Hub module is opaque: no XLA on CPUs.
     """
-    if setting not in JIT_SETTINGS:
-        raise ValueError(f"`jit` must be one of {JIT_SETTINGS}. Received: jit={setting!r}")
+    check_choice("jit", setting, JIT_SETTINGS)
     if setting != "auto":
         return setting == "on"
     if tf.distribute.has_strategy():
