@@ -260,9 +260,13 @@ def fine_tune(
     seed: int = 0,
     callbacks_for=None,
     class_weight: Optional[dict] = None,
+    jit: str = "auto",
     verbose="auto",
 ) -> dict:
     """Trains a `build_classifier` model: the head first, then the backbone's top.
+
+    To train on several GPUs, build `model` and call this under a
+    `tf.distribute.MirroredStrategy`'s `scope()` (see `make_strategy`).
 
     Args:
         model: A classifier from `build_classifier`, its backbone frozen.
@@ -288,11 +292,14 @@ def fine_tune(
             `"head"` and `"fine_tune"` phases.
         class_weight: Optional `{label: weight}` for the loss, as in `fit`
             (see `balanced_class_weights`). Defaults to `None`.
+        jit: `"auto"`, `"on"` or `"off"`: whether each phase's steps are
+            compiled with XLA (see `jit_for`). Defaults to `"auto"`.
         verbose: Passed to `fit`. Defaults to `"auto"`.
 
     Returns:
         The merged history: a dict of per-epoch metric lists over both phases.
     """
+    check_choice("jit", jit, JIT_SETTINGS)
     backbone = model.get_layer("backbone")
     head = model.get_layer("head")
     callbacks_for = callbacks_for or (lambda phase: [])
@@ -306,7 +313,7 @@ def fine_tune(
         if cache_features:
             train_features = compute_features(backbone, train, verbose)
             validation_features = compute_features(backbone, validation, verbose)
-            compile_classifier(head, learning_rate)
+            compile_classifier(head, learning_rate, jit_for(jit, head))
             record(
                 train_head(
                     head,
@@ -321,7 +328,7 @@ def fine_tune(
                 )
             )
         else:
-            compile_classifier(model, learning_rate)
+            compile_classifier(model, learning_rate, jit_for(jit, model))
             record(
                 model.fit(
                     train,
@@ -334,7 +341,7 @@ def fine_tune(
             )
     if fine_tune_epochs > 0:
         unfreeze_top(backbone, fine_tune_layers or default_fine_tune_layers(backbone))
-        compile_classifier(model, fine_tune_learning_rate)
+        compile_classifier(model, fine_tune_learning_rate, jit_for(jit, model))
         record(
             model.fit(
                 train,
