@@ -245,3 +245,19 @@ def test_distill_command_under_float16_keeps_a_float32_head(trained_run, scenes_
     assert keras.config.dtype_policy().name == "float32"
     with pytest.raises(ValueError, match="mixed_precision"):
         DistillConfig(scenes_dir, trained_run, mixed_precision="float32")
+
+
+def test_distill_command_under_xla(trained_run, scenes_dir, tmp_path, capsys):
+    """`--jit on` compiles the teacher's and the student's forward passes and
+    the Distiller's own train_step in both phases, and the student still learns."""
+    assert main(["distill", scenes_dir, "--teacher", trained_run, "--student",
+                 "vgg16", "--weights", "none", "--epochs", "15", "--learning-rate",
+                 "0.01", "--fine-tune-epochs", "1", "--jit", "on", "--json",
+                 "--output", str(tmp_path / "xla")]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["xla"] == {"teacher": True, "forward": True, "head": True,
+                              "fine_tune": True}
+    assert summary["history"]["val_accuracy"][14] >= 0.8  # after the head phase
+    assert np.isfinite(summary["history"]["loss"][15])
+    with pytest.raises(ValueError, match="jit"):
+        DistillConfig(scenes_dir, trained_run, jit="yes")

@@ -33,10 +33,21 @@ def _add_mixed_precision(parser, what):
     )
 
 
+def _add_jit(parser):
+    from tftransfer.train import JIT_SETTINGS
+
+    parser.add_argument(
+        "--jit",
+        choices=JIT_SETTINGS,
+        default="auto",
+        help="compile with XLA; auto: on GPUs, and on CPUs for networks without "
+        "depthwise convolutions, where it was measured to pay (default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tftransfer.backbones import backbone_names
     from tftransfer.distribute import STRATEGIES
-    from tftransfer.train import JIT_SETTINGS
 
     parser = argparse.ArgumentParser(
         prog="tftransfer",
@@ -148,13 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute backbone features in memory, without the on-disk cache",
     )
     _add_mixed_precision(train, "the backbone")
-    train.add_argument(
-        "--jit",
-        choices=JIT_SETTINGS,
-        default="auto",
-        help="compile with XLA; auto: on GPUs, and on CPUs for networks without "
-        "depthwise convolutions, where it was measured to pay (default: auto)",
-    )
+    _add_jit(train)
     train.add_argument(
         "--strategy",
         choices=STRATEGIES,
@@ -221,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--no-cache", action="store_true",
                          help="compute teacher logits and features in memory")
     _add_mixed_precision(distill, "the student's backbone")
+    _add_jit(distill)
     distill.add_argument("--overwrite", action="store_true",
                          help="replace a finished run in RUN_DIR")
     _add_json(distill)
@@ -339,6 +345,7 @@ def _distill(args):
             cache_dir=args.cache_dir,
             cache=not args.no_cache,
             mixed_precision=args.mixed_precision,
+            jit=args.jit,
             overwrite=args.overwrite,
         )
     )

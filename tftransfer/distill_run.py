@@ -40,7 +40,13 @@ from tftransfer.run import (
     write_json_atomically,
     write_model_files,
 )
-from tftransfer.train import HistoryCSV, default_fine_tune_layers, unfreeze_top
+from tftransfer.train import (
+    JIT_SETTINGS,
+    HistoryCSV,
+    default_fine_tune_layers,
+    jit_for,
+    unfreeze_top,
+)
 
 
 class Teacher(NamedTuple):
@@ -154,6 +160,9 @@ class DistillConfig:
             Keras dtype policy of the student's backbone while distilling, as
             for `TrainConfig`. The student's head and its logits stay float32;
             under float16 the `Distiller` scales the loss. Defaults to `"auto"`.
+        jit: `"auto"`, `"on"` or `"off"`: compile the forward passes and the
+            `Distiller`'s steps with XLA, as for `TrainConfig`; `auto` uses it
+            where it was measured to pay (see `jit_for`). Defaults to `"auto"`.
         overwrite: Replace a finished run. Defaults to `False`.
         verbose: Defaults to `"auto"`.
     """
@@ -177,6 +186,7 @@ class DistillConfig:
     cache_dir: Optional[str] = None
     cache: bool = True
     mixed_precision: str = "auto"
+    jit: str = "auto"
     overwrite: bool = False
     verbose: object = "auto"
 
@@ -201,6 +211,7 @@ class DistillConfig:
                 f"Received: student_loss_weight={self.student_loss_weight}"
             )
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        check_choice("jit", self.jit, JIT_SETTINGS)
         self.student = get_backbone_spec(self.student).name
         if self.output is None:
             data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
@@ -309,11 +320,15 @@ def _distill_run(config: DistillConfig) -> dict:
     files = {split: folder.used(split) for split in splits}
     labels = {split: folder.paths_and_labels(split)[1] for split in splits}
     counts = {}
+    xla = {}  # Which stage ran with XLA, for the summary.
 
-    def outputs(network, size, cache, split):
+    def outputs(network, size, cache, split, stage):
+        # A SavedModel teacher (size None) runs its own graph: XLA is not ours.
+        xla[stage] = size is not None and jit_for(config.jit, network)
         result, stats = cached_outputs(
             network, [f.path for f in files[split]], [f.digest for f in files[split]],
             size, cache, config.batch_size, verbose=config.verbose,
+            jit_compile=xla[stage],
         )
         for name, value in stats._asdict().items():
             counts.setdefault(name, 0)
@@ -322,7 +337,7 @@ def _distill_run(config: DistillConfig) -> dict:
 
     _say(config, "Computing the teacher's logits ...")
     network = teacher.model if teacher.model is not None else teacher.forward
-    logits = {s: outputs(network, teacher.image_size, teacher_cache, s)
+    logits = {s: outputs(network, teacher.image_size, teacher_cache, s, "teacher")
               for s in splits}
     teacher_accuracy = float(np.mean(logits["validation"].argmax(-1)
                                      == labels["validation"]))
@@ -333,12 +348,15 @@ def _distill_run(config: DistillConfig) -> dict:
     if config.epochs > 0:
         counts.clear()
         _say(config, "Computing the student's backbone features ...")
-        features = {s: outputs(backbone, image_size, student_cache, s) for s in splits}
+        features = {s: outputs(backbone, image_size, student_cache, s, "forward")
+                    for s in splits}
         _say(config, f"Student features: {counts['hits']} from cache, "
                      f"{counts['computed']} computed")
         distiller = Distiller(teacher.model, model.get_layer("head"),
                               **distill_settings)
-        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+        xla["head"] = jit_for(config.jit, model.get_layer("head"))
+        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                          jit_compile=xla["head"])
         distiller.fit(
             _dataset(features["train"], logits["train"], labels["train"],
                      config.batch_size, True, config.seed),
@@ -352,7 +370,9 @@ def _distill_run(config: DistillConfig) -> dict:
     if config.fine_tune_epochs > 0:
         unfreeze_top(backbone, default_fine_tune_layers(backbone))
         distiller = Distiller(teacher.model, model, **distill_settings)
-        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate / 10))
+        xla["fine_tune"] = jit_for(config.jit, model)
+        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate / 10),
+                          jit_compile=xla["fine_tune"])
 
         def decode(contents):
             return decode_image(contents, image_size)
@@ -395,6 +415,7 @@ def _distill_run(config: DistillConfig) -> dict:
         "fine_tune_epochs": config.fine_tune_epochs,
         **distill_settings,
         "dtype_policy": keras.config.dtype_policy().name,
+        "xla": xla,
         "feature_cache": cache_dir,
         "history": history,
     }
