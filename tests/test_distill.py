@@ -1,4 +1,8 @@
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -139,6 +143,58 @@ def test_mixed_precision_student_trains_with_float32_logits(global_policy):
         assert np.array_equal(before, after)
     assert all(not np.array_equal(b, a)
                for b, a in zip(student_before, student.get_weights()))
+
+
+# Run in a fresh process: the two logical CPUs must be set before TF starts.
+_MIRRORED_DISTILLER = textwrap.dedent("""
+    import json
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import numpy as np
+    from tftransfer import Distiller
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.integers(0, 3, 64)
+
+    def train(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+            student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+            distiller = Distiller(teacher, student, temperature=2.0,
+                                  student_loss_weight=0.3)
+            distiller.compile(optimizer=keras.optimizers.SGD(0.5))
+        initial = [w.tolist() for w in student.get_weights()]
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        history = distiller.fit(data, validation_data=data, epochs=2, verbose=0)
+        return (initial, [w.tolist() for w in student.get_weights()],
+                history.history, strategy.num_replicas_in_sync)
+
+    print(json.dumps([train(tf.distribute.get_strategy()),
+                      train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]))
+""")
+
+
+def test_distiller_under_mirrored_strategy_trains_as_on_one_device():
+    """Keras loss objects divide by the replicas under tf.distribute; the soft
+    loss must be weighed the same, or two replicas train another model."""
+    done = subprocess.run([sys.executable, "-c", _MIRRORED_DISTILLER],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (initial, one, one_history, one_replicas), (_, two, two_history, replicas) = (
+        json.loads(done.stdout.splitlines()[-1]))
+    assert (one_replicas, replicas) == (1, 2)
+    assert not np.allclose(initial[0], one[0], atol=1e-3)  # it did train
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for name in ("loss", "student_loss", "distillation_loss", "val_loss",
+                 "val_student_loss", "val_distillation_loss"):
+        np.testing.assert_allclose(one_history[name], two_history[name], rtol=1e-5)
 
 
 def test_config_round_trip():

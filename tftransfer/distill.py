@@ -50,6 +50,9 @@ class Distiller(keras.Model):
     batch carries its logits: `x` may be a dict `{"inputs": images,
     "teacher_logits": logits}`.
 
+    It trains under a `tf.distribute` strategy's `scope()` as on one device:
+    each replica's loss is its share of the global batch's mean loss.
+
     Args:
         teacher: A `keras.Model` returning logits. It is frozen. May be `None`
             when every batch carries the teacher's logits.
@@ -140,6 +143,20 @@ class Distiller(keras.Model):
             teacher_logits = self.teacher(inputs, training=False)
         return inputs, teacher_logits
 
+    def _distillation_losses(self, y, student_logits, teacher_logits, sample_weight):
+        """This replica's `(loss, student_loss, soft_loss)`, each a batch mean."""
+        student_loss = self.student_loss(y, student_logits, sample_weight)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if isinstance(self.student_loss, keras.losses.Loss) and replicas > 1:
+            # Under a tf.distribute strategy a Keras loss object divides its
+            # value by the number of replicas (for the sum of their gradients);
+            # our soft loss does not, so the two are combined undivided.
+            student_loss = student_loss * replicas
+        soft_loss = distillation_loss(teacher_logits, student_logits, self.temperature)
+        loss = (self.student_loss_weight * student_loss
+                + (1.0 - self.student_loss_weight) * soft_loss)
+        return loss, student_loss, soft_loss
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         # The teacher runs here, outside the tape: no gradient can reach it.
@@ -147,14 +164,14 @@ class Distiller(keras.Model):
         teacher_logits = tf.stop_gradient(teacher_logits)
         with tf.GradientTape() as tape:
             student_logits = self.student(inputs, training=True)
-            student_loss = self.student_loss(y, student_logits, sample_weight)
-            soft_loss = distillation_loss(teacher_logits, student_logits,
-                                          self.temperature)
-            loss = (self.student_loss_weight * student_loss
-                    + (1.0 - self.student_loss_weight) * soft_loss)
+            loss, student_loss, soft_loss = self._distillation_losses(
+                y, student_logits, teacher_logits, sample_weight)
+            # The replicas' gradients are summed: each contributes its share of
+            # the global mean loss.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
             # Under mixed precision a LossScaleOptimizer scales the loss here and
             # unscales the gradients in `apply`; otherwise this is the identity.
-            scaled_loss = self.optimizer.scale_loss(loss)
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
         variables = self.student.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
@@ -165,10 +182,8 @@ class Distiller(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs, teacher_logits = self._split(x)
         student_logits = self.student(inputs, training=False)
-        student_loss = self.student_loss(y, student_logits, sample_weight)
-        soft_loss = distillation_loss(teacher_logits, student_logits, self.temperature)
-        loss = (self.student_loss_weight * student_loss
-                + (1.0 - self.student_loss_weight) * soft_loss)
+        loss, student_loss, soft_loss = self._distillation_losses(
+            y, student_logits, teacher_logits, sample_weight)
         return self._update_metrics(x, y, student_logits, sample_weight, loss,
                                     student_loss, soft_loss)
 
