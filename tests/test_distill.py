@@ -317,3 +317,37 @@ def test_distill_command_under_xla(trained_run, scenes_dir, tmp_path, capsys):
     assert np.isfinite(summary["history"]["loss"][15])
     with pytest.raises(ValueError, match="jit"):
         DistillConfig(scenes_dir, trained_run, jit="yes")
+
+
+def test_distill_command_under_mirrored_strategy(trained_run, scenes_dir, tmp_path,
+                                                 capsys, monkeypatch):
+    args = ["distill", scenes_dir, "--teacher", trained_run, "--student", "vgg16",
+            "--weights", "none", "--epochs", "15", "--learning-rate", "0.01"]
+    assert main([*args, "--fine-tune-epochs", "1", "--strategy", "mirrored",
+                 "--json", "--output", str(tmp_path / "mirrored")]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["strategy"] == "mirrored"
+    assert summary["num_replicas_in_sync"] == max(
+        1, len(tf.config.list_logical_devices("GPU")))
+    # jit auto would compile VGG16's fine-tuning on one device, not under a strategy.
+    assert summary["xla"]["fine_tune"] is False
+    assert summary["history"]["val_accuracy"][14] >= 0.8
+    assert np.isfinite(summary["history"]["loss"][15])
+    # The student, its variables mirrored, exports and serves.
+    files = [os.path.join(root, name) for root, _, names in os.walk(scenes_dir)
+             for name in names]
+    probabilities = ServedModel(summary["saved_model"]).predict_files(files)
+    assert probabilities.shape == (48, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+    # distill trains with Keras' fit, on one machine: a cluster is refused.
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["localhost:1", "localhost:2"]},
+        "task": {"type": "worker", "index": 0}}))
+    run = tmp_path / "cluster"
+    assert main([*args, "--output", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert "TF_CONFIG names 2 machines" in error and "Traceback" not in error
+    assert not run.exists()
+    with pytest.raises(ValueError, match="strategy"):
+        DistillConfig(scenes_dir, trained_run, strategy="multi_worker")

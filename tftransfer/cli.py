@@ -47,7 +47,7 @@ def _add_jit(parser):
 
 def build_parser() -> argparse.ArgumentParser:
     from tftransfer.backbones import backbone_names
-    from tftransfer.distribute import STRATEGIES
+    from tftransfer.distribute import ONE_MACHINE_STRATEGIES, STRATEGIES
 
     parser = argparse.ArgumentParser(
         prog="tftransfer",
@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="compute teacher logits and features in memory")
     _add_mixed_precision(distill, "the student's backbone")
     _add_jit(distill)
+    distill.add_argument(
+        "--strategy",
+        choices=ONE_MACHINE_STRATEGIES,
+        default="auto",
+        help="tf.distribute strategy on this machine, --batch-size being the "
+        "global batch; auto: mirrored with several GPUs, else default "
+        "(default: auto)",
+    )
     distill.add_argument("--overwrite", action="store_true",
                          help="replace a finished run in RUN_DIR")
     _add_json(distill)
@@ -346,6 +354,7 @@ def _distill(args):
             cache=not args.no_cache,
             mixed_precision=args.mixed_precision,
             jit=args.jit,
+            strategy=args.strategy,
             overwrite=args.overwrite,
         )
     )

@@ -29,6 +29,7 @@ from tftransfer.cache import (
 )
 from tftransfer.data import RESIZE_METHOD, decode_image
 from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
+from tftransfer.distribute import ONE_MACHINE_STRATEGIES, Workers, make_strategy
 from tftransfer.errors import DataError, RunFolderError, TransferError, check_choice
 from tftransfer.heads import build_classifier
 from tftransfer.run import (
@@ -163,6 +164,10 @@ class DistillConfig:
         jit: `"auto"`, `"on"` or `"off"`: compile the forward passes and the
             `Distiller`'s steps with XLA, as for `TrainConfig`; `auto` uses it
             where it was measured to pay (see `jit_for`). Defaults to `"auto"`.
+        strategy: `"auto"`, `"default"` or `"mirrored"`: the `tf.distribute`
+            strategy the student trains under, as for `TrainConfig`, on this
+            machine only (`batch_size` is the global batch). `auto` is
+            `mirrored` with several GPUs. Defaults to `"auto"`.
         overwrite: Replace a finished run. Defaults to `False`.
         verbose: Defaults to `"auto"`.
     """
@@ -187,6 +192,7 @@ class DistillConfig:
     cache: bool = True
     mixed_precision: str = "auto"
     jit: str = "auto"
+    strategy: str = "auto"
     overwrite: bool = False
     verbose: object = "auto"
 
@@ -212,6 +218,7 @@ class DistillConfig:
             )
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         check_choice("jit", self.jit, JIT_SETTINGS)
+        check_choice("strategy", self.strategy, ONE_MACHINE_STRATEGIES)
         self.student = get_backbone_spec(self.student).name
         if self.output is None:
             data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
@@ -276,19 +283,22 @@ def distill_run(config: DistillConfig) -> dict:
         ValueError: a student image size the teacher does not take.
         RunFolderError: `config.output` holds a finished run.
     """
+    workers = Workers.of(make_strategy(config.strategy, multi_worker=False))
     with dtype_policy_scope(config.mixed_precision):
-        return _distill_run(config)
+        return _distill_run(config, workers)
 
 
-def _distill_run(config: DistillConfig) -> dict:
+def _distill_run(config: DistillConfig, workers: Workers) -> dict:
     start = time.perf_counter()
     output, folder, report = begin_run(config)
     teacher = load_teacher(config.teacher)
     _check_teacher(teacher, folder.class_names, config.image_size)
     spec = get_backbone_spec(config.student)
     image_size = config.image_size or teacher.image_size or spec.default_image_size
-    backbone = load_backbone(config.student, config.weights, image_size, config.alpha)
-    model = build_classifier(backbone, len(folder.class_names), config.dropout)
+    with workers.strategy.scope():
+        backbone = load_backbone(config.student, config.weights, image_size,
+                                 config.alpha)
+        model = build_classifier(backbone, len(folder.class_names), config.dropout)
     checkpoint = os.path.join(output, "checkpoint.npz")
     if os.path.exists(checkpoint):
         if not config.overwrite:
@@ -352,11 +362,12 @@ def _distill_run(config: DistillConfig) -> dict:
                     for s in splits}
         _say(config, f"Student features: {counts['hits']} from cache, "
                      f"{counts['computed']} computed")
-        distiller = Distiller(teacher.model, model.get_layer("head"),
-                              **distill_settings)
-        xla["head"] = jit_for(config.jit, model.get_layer("head"))
-        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                          jit_compile=xla["head"])
+        # Every batch carries the teacher's logits: the Distiller needs no teacher.
+        with workers.strategy.scope():
+            distiller = Distiller(None, model.get_layer("head"), **distill_settings)
+            xla["head"] = jit_for(config.jit, model.get_layer("head"))
+            distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                              jit_compile=xla["head"])
         distiller.fit(
             _dataset(features["train"], logits["train"], labels["train"],
                      config.batch_size, True, config.seed),
@@ -369,10 +380,12 @@ def _distill_run(config: DistillConfig) -> dict:
         )
     if config.fine_tune_epochs > 0:
         unfreeze_top(backbone, default_fine_tune_layers(backbone))
-        distiller = Distiller(teacher.model, model, **distill_settings)
-        xla["fine_tune"] = jit_for(config.jit, model)
-        distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate / 10),
-                          jit_compile=xla["fine_tune"])
+        with workers.strategy.scope():
+            distiller = Distiller(None, model, **distill_settings)
+            xla["fine_tune"] = jit_for(config.jit, model)
+            distiller.compile(
+                optimizer=keras.optimizers.Adam(config.learning_rate / 10),
+                jit_compile=xla["fine_tune"])
 
         def decode(contents):
             return decode_image(contents, image_size)
@@ -416,6 +429,8 @@ def _distill_run(config: DistillConfig) -> dict:
         **distill_settings,
         "dtype_policy": keras.config.dtype_policy().name,
         "xla": xla,
+        "strategy": workers.name,
+        "num_replicas_in_sync": workers.num_replicas_in_sync,
         "feature_cache": cache_dir,
         "history": history,
     }

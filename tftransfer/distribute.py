@@ -34,6 +34,8 @@ import tensorflow as tf
 from tftransfer.errors import WorkerError, check_choice
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+# For jobs that run Keras' `fit` only, which fails across machines (see above).
+ONE_MACHINE_STRATEGIES = ("auto", "default", "mirrored")
 # What collective ops raise when a peer has stopped or cannot be reached.
 LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError,
                     tf.errors.UnknownError, tf.errors.AbortedError,
@@ -70,7 +72,8 @@ def cluster_tasks() -> int:
         ) from error
 
 
-def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+def make_strategy(name: str = "auto", multi_worker: bool = True
+                  ) -> tf.distribute.Strategy:
     """The `tf.distribute.Strategy` for a `strategy` setting.
 
     Args:
@@ -79,13 +82,23 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
             machines `TF_CONFIG` names) or `"auto"`: `multi_worker` when
             `TF_CONFIG` names more than one task, else `mirrored` when this
             machine has more than one GPU, else `default`.
+        multi_worker: `False` for a job that runs on one machine only: `name`
+            is then one of `ONE_MACHINE_STRATEGIES`, and `"auto"` refuses a
+            `TF_CONFIG` naming several tasks rather than run on each alone.
 
     Create it first thing in a process: `MultiWorkerMirroredStrategy` configures
     TensorFlow's collective ops, which must happen before TensorFlow runs.
     """
-    check_choice("strategy", name, STRATEGIES)
+    check_choice("strategy", name, STRATEGIES if multi_worker else ONE_MACHINE_STRATEGIES)
     tasks = cluster_tasks()
     if name == "auto":
+        if tasks > 1 and not multi_worker:
+            raise ValueError(
+                f"TF_CONFIG names {tasks} machines, but this job trains on one "
+                "machine only (Keras' fit fails across machines, keras#20585). "
+                "Unset TF_CONFIG, or pass --strategy default or mirrored "
+                "(strategy='default' or 'mirrored') to run on this machine alone."
+            )
         if tasks > 1:
             name = "multi_worker"
         elif len(tf.config.list_physical_devices("GPU")) > 1:
