@@ -98,6 +98,69 @@ def test_own_loop_trains_like_keras_fit():
     assert history.history["val_accuracy"][-1] > 0.8
 
 
+# A fresh process: the two logical CPUs must be set before TensorFlow starts.
+_OVERFLOW_ON_ONE_REPLICA = """
+import json
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from tftransfer.distribute import Workers, distributed_fit
+from tftransfer.train import compile_classifier
+
+keras.config.set_dtype_policy("mixed_float16")
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+        keras.layers.Dense(3, dtype="float32")])
+    compile_classifier(model, 1e-2)
+    model.optimizer.build(model.trainable_variables)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 6)).astype("float32")
+y = rng.integers(0, 3, 16).astype("int32")
+bad = x.copy()
+bad[12] = 1e6  # beyond float16, in the second replica's half of the batch
+workers = Workers(strategy)
+
+def data(x):
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    return workers.lockstep(batches, 16, 16)
+
+def replicas():
+    return [[v.numpy().tolist() for v in strategy.experimental_local_results(w.value)]
+            for w in model.trainable_variables]
+
+before = replicas()
+scale = float(model.optimizer.dynamic_scale.numpy())
+distributed_fit(workers, model, data(bad), data(x), epochs=1, verbose=0)
+skipped = replicas()
+skipped_scale = float(model.optimizer.dynamic_scale.numpy())
+distributed_fit(workers, model, data(x), data(x), epochs=1, verbose=0)
+print(json.dumps([before, skipped, replicas(), scale, skipped_scale]))
+"""
+
+
+def test_an_overflow_on_one_replica_skips_the_step_on_all():
+    """Under mixed float16 the LossScaleOptimizer skips a step whose gradients
+    overflow; our loop makes every replica skip it when one overflows, or the
+    replicas' weights would part ways."""
+    done = subprocess.run([sys.executable, "-c", _OVERFLOW_ON_ONE_REPLICA],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, skipped, trained, scale, skipped_scale = json.loads(
+        done.stdout.splitlines()[-1])
+    assert skipped == before  # on both replicas
+    assert skipped_scale == scale / 2
+    for first, second in trained:  # the next step trains both alike
+        assert first == second
+    assert trained != before
+
+
 def test_mirrored_strategy_trains_like_the_default_one_and_exports(scenes_dir, tmp_path):
     from tftransfer.run import TrainConfig, train_run
 
