@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import last_json, shared_path
 
+from tftransfer import ServedModel
 from tftransfer.distribute import Workers, cluster_tasks, distributed_fit, make_strategy
 from tftransfer.train import feature_dataset
 
@@ -191,17 +192,29 @@ def _free_ports(count):
     return ports
 
 
-def _start_workers(run, data, *args, extra=((), ())):
-    """Two `tftransfer train --strategy multi_worker` processes on loopback ports."""
-    workers = [f"localhost:{port}" for port in _free_ports(2)]
+MOBILENET_V2 = ("--backbone", "mobilenet_v2", "--alpha", "0.35")
+
+
+def _start_workers(run, data, *args, extra=((), ()), model=MOBILENET_V2,
+                   chief_job=False):
+    """Two `tftransfer train --strategy multi_worker` processes on loopback ports.
+
+    The first is worker 0, or with `chief_job` the cluster's `chief` task.
+    """
+    first, second = (f"localhost:{port}" for port in _free_ports(2))
+    if chief_job:
+        cluster = {"chief": [first], "worker": [second]}
+        tasks = [("chief", 0), ("worker", 0)]
+    else:
+        cluster = {"worker": [first, second]}
+        tasks = [("worker", 0), ("worker", 1)]
     processes = []
-    for index in range(2):
+    for (task_type, index), more in zip(tasks, extra):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+            {"cluster": cluster, "task": {"type": task_type, "index": index}}))
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "tftransfer", "train", data, "--output", run,
-             "--backbone", "mobilenet_v2", "--alpha", "0.35", "--strategy",
-             "multi_worker", "--json", *args, *extra[index]],
+             *model, "--strategy", "multi_worker", "--json", *args, *more],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     return processes
 
@@ -301,3 +314,29 @@ def test_a_worker_with_other_settings_is_refused(tmp_path):
     assert "seed: 0 on the chief, 1 here" in stderr
     assert chief_code == 2 and "Lost contact with the other workers" in chief_err
     assert not os.path.exists(os.path.join(run, "metrics.json"))
+
+
+def test_a_cluster_with_a_chief_task_trains_one_model(scenes_dir, tmp_path):
+    """TF_CONFIG may name a `chief` job: that task writes the run folder."""
+    run = str(tmp_path / "run")
+    outputs = []
+    for code, stdout, stderr in _finish(_start_workers(
+            run, scenes_dir, "--epochs", "15", "--learning-rate", "0.01",
+            "--fine-tune-epochs", "1", chief_job=True,
+            model=("--backbone", "vgg16", "--weights", "none", "--image-size", "32"))):
+        assert code == 0, stderr[-3000:]
+        outputs.append(last_json(stdout))
+    chief, worker = outputs
+    assert chief["is_chief"] and not worker["is_chief"]
+    assert worker["worker"] == 1 and worker["saved_model"] is None
+    assert chief["num_workers"] == chief["num_replicas_in_sync"] == 2
+    assert chief["weights_sha256"] == worker["weights_sha256"]
+    # The chief, pipeline 0, computed the features of its half of the images only.
+    assert (chief["features"]["computed"] + chief["features"]["hits"]
+            == -(-chief["num_train"] // 2) + -(-chief["num_validation"] // 2))
+    assert chief["history"]["val_accuracy"][14] >= 0.8
+    assert len(chief["history"]["val_accuracy"]) == 16
+    assert ServedModel(chief["saved_model"]).class_names == chief["class_names"]
+    assert sorted(os.listdir(run)) == sorted(
+        ["data_report.json", "history.csv", "labels.txt", "metrics.json",
+         "model.keras", "saved_model"])
