@@ -35,6 +35,17 @@ def _start(*args):
                             text=True, env=env)
 
 
+def _assert_default_modes(folder):
+    """Every finished file in `folder` has the mode a plain `open` gives."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder)
+             for name in names if not name.startswith(".tmp-")]
+    assert files
+    for path in files:
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~mask), path
+
+
 def _kill_when(process, condition, timeout=300):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -88,6 +99,8 @@ def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path):
     assert not os.path.exists(os.path.join(run, "metrics.json"))
     done = _epochs(run)
     assert 4 <= done[-1] < 7
+    assert os.path.exists(os.path.join(run, "checkpoint.npz"))
+    _assert_default_modes(run)  # the checkpoint, history, report
 
     changed = _start(*args[:-2], "--cache-dir", str(tmp_path / "cache"), "--seed", "1")
     out, _ = changed.communicate(timeout=300)
@@ -101,6 +114,8 @@ def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path):
     assert f"Resuming from epoch {checkpointed}" in out
     assert _epochs(run) == list(range(1, 8))
     assert not os.path.exists(os.path.join(run, "checkpoint.npz"))
+    _assert_default_modes(run)  # metrics.json, the truncated history too
+    _assert_default_modes(tmp_path / "cache")
 
     again = _start(*args)
     out, _ = again.communicate(timeout=300)

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from tftransfer.data import RESIZE_METHOD, make_dataset
 from tftransfer.errors import check_choice
+from tftransfer.files import write_atomically
 
 FORMAT_VERSION = "v1"
 HEADER_SIZE = 64
@@ -119,9 +120,8 @@ class FeatureCache:
         os.makedirs(self.directory, exist_ok=True)
         key_path = os.path.join(self.directory, "key.json")
         if not os.path.exists(key_path):
-            self._write_atomically(
-                key_path, json.dumps(self.key, indent=2, default=str).encode()
-            )
+            contents = json.dumps(self.key, indent=2, default=str)
+            write_atomically(key_path, lambda stream: stream.write(contents), text=True)
         # Fail now, not mid-run, when the folder cannot be written.
         handle, probe = tempfile.mkstemp(prefix=".probe-", dir=self.directory)
         os.close(handle)
@@ -145,19 +145,8 @@ class FeatureCache:
     def store(self, digest: str, array: np.ndarray) -> None:
         path = self.path(digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._write_atomically(path, _encode(np.asarray(array, self.dtype)))
-
-    @staticmethod
-    def _write_atomically(path: str, contents: bytes) -> None:
-        handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(contents)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        contents = _encode(np.asarray(array, self.dtype))
+        write_atomically(path, lambda stream: stream.write(contents))
 
     def dataset(
         self,

@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from typing import Optional
 
 import keras
 import numpy as np
 
 from tftransfer.errors import RunFolderError
+from tftransfer.files import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.npz"
 
@@ -97,20 +97,11 @@ class RunCheckpoint:
         arrays = {f"model_{i}": v.numpy() for i, v in enumerate(model.weights)}
         arrays.update({f"optimizer_{i}": v for i, v in enumerate(optimizer_values)})
         arrays["meta"] = np.array(json.dumps(meta))
-        handle, tmp = tempfile.mkstemp(
-            prefix=".tmp-checkpoint-", suffix=".npz", dir=os.path.dirname(self.path)
-        )
-        try:
-            # No fsync: a killed process loses nothing the kernel holds, and the
-            # rename is atomic; fsync would only guard against power loss, at a
-            # cost paid every epoch.
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, **arrays)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        # No fsync: a killed process loses nothing the kernel holds, and the
+        # rename is atomic; fsync would only guard against power loss, at a
+        # cost paid every epoch.
+        write_atomically(self.path, lambda stream: np.savez(stream, **arrays),
+                         prefix=".tmp-checkpoint-", suffix=".npz")
 
     def callback(self, model: keras.Model, training_model: keras.Model,
                  phase: str) -> keras.callbacks.Callback:
@@ -175,7 +166,5 @@ def truncate_history(path: str, last_epoch: int) -> None:
     if not rows:
         return
     kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_epoch]
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-history-", dir=os.path.dirname(path))
-    with os.fdopen(handle, "w", newline="") as stream:
-        csv.writer(stream).writerows(kept)
-    os.replace(tmp, path)
+    write_atomically(path, lambda stream: csv.writer(stream).writerows(kept),
+                     text=True, prefix=".tmp-history-")

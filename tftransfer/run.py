@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from typing import Optional
 
@@ -69,6 +68,7 @@ from tftransfer.distribute import (
 )
 from tftransfer.errors import RunFolderError, check_choice
 from tftransfer.export import export_saved_model, recover_interrupted, write_labels
+from tftransfer.files import write_atomically
 from tftransfer.heads import build_classifier
 from tftransfer.hub import hub_layer
 from tftransfer.report import class_imbalance, data_report, summarize_data
@@ -260,11 +260,8 @@ def _remove(path: str) -> None:
 
 def write_json_atomically(path: str, payload) -> None:
     """Writes JSON to a temporary file beside `path`, then renames it into place."""
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-        stream.write("\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda stream: stream.write(
+        json.dumps(payload, indent=2) + "\n"), text=True)
 
 
 def _run_settings(config: TrainConfig, folder: ImageFolder) -> dict:
