@@ -61,6 +61,30 @@ def test_loss_equals_hand_computation_and_keras_distiller():
     peer_loss = peer.compute_loss(x=x, y=y, y_pred=student(x), training=False)
     np.testing.assert_allclose(result["loss"], float(peer_loss), rtol=1e-5)
 
+    # Sample weights weigh both losses, each summed over the batch's examples
+    # and divided by its size, as Keras' "sum_over_batch_size".
+    weights = rng.uniform(size=16).astype("float32")
+    weights[:4] = 0.0
+    kls = np.sum(p * np.log(p / q), -1) * TEMPERATURE**2
+    np.testing.assert_allclose(distillation_loss(t, s, TEMPERATURE, weights),
+                               np.sum(weights * kls) / 16, rtol=1e-5)
+    entropies = -np.log(_softmax(s)[np.arange(16), y])
+    weighted = ours.evaluate(x, y, sample_weight=weights, batch_size=16, verbose=0,
+                             return_dict=True)
+    np.testing.assert_allclose(weighted["distillation_loss"],
+                               np.sum(weights * kls) / 16, rtol=1e-5)
+    np.testing.assert_allclose(weighted["student_loss"],
+                               np.sum(weights * entropies) / 16, rtol=1e-5)
+    assert float(distillation_loss(t[:0], s[:0], TEMPERATURE)) == 0.0  # not NaN
+
+    # A plain per-example function is averaged over the batch like a Loss.
+    by_function = Distiller(teacher, student, temperature=TEMPERATURE,
+                            student_loss_weight=WEIGHT)
+    by_function.compile(student_loss=lambda y, s: keras.losses.
+                        sparse_categorical_crossentropy(y, s, from_logits=True))
+    again = by_function.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    np.testing.assert_allclose(again["loss"], expected, rtol=1e-5)
+
 
 def test_training_changes_only_the_student():
     teacher, student = _dense(1), _dense(2)
@@ -170,7 +194,11 @@ _MIRRORED_DISTILLER = textwrap.dedent("""
             distiller.compile(optimizer=keras.optimizers.SGD(0.5))
         initial = [w.tolist() for w in student.get_weights()]
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-        history = distiller.fit(data, validation_data=data, epochs=2, verbose=0)
+        # 65 examples: the last batch's one leaves the second replica none.
+        validation = tf.data.Dataset.from_tensor_slices(
+            (np.concatenate([x, x[:1]]), np.concatenate([y, y[:1]]))).batch(16)
+        history = distiller.fit(data, validation_data=validation, epochs=2,
+                                verbose=0)
         return (initial, [w.tolist() for w in student.get_weights()],
                 history.history, strategy.num_replicas_in_sync)
 

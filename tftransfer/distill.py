@@ -21,13 +21,22 @@ TEACHER_LOGITS = "teacher_logits"
 INPUTS = "inputs"
 
 
-def distillation_loss(teacher_logits, student_logits, temperature: float):
+# The reductions under which a Keras loss divides by the number of replicas.
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def distillation_loss(teacher_logits, student_logits, temperature: float,
+                      sample_weight=None):
     """`KL(softmax(t/T) || softmax(s/T)) * T^2`, averaged over the batch.
 
     The `T^2` factor keeps the soft targets' gradients on the same scale as the
     hard targets' when the temperature changes (Hinton et al., 2015). The KL
     divergence is Keras' (`keras.losses.KLDivergence`, with its clipping), so the
     value equals `keras.distillation.LogitsDistillation`'s.
+
+    `sample_weight`, one per example, weighs each example's divergence; the sum
+    is divided by the batch size, as Keras' `"sum_over_batch_size"` does (and an
+    empty batch gives 0, not NaN).
     """
     teacher = keras.ops.softmax(
         keras.ops.cast(teacher_logits, "float32") / temperature, axis=-1
@@ -36,7 +45,22 @@ def distillation_loss(teacher_logits, student_logits, temperature: float):
         keras.ops.cast(student_logits, "float32") / temperature, axis=-1
     )
     divergence = keras.losses.KLDivergence(reduction=None)(teacher, student)
-    return keras.ops.mean(divergence) * temperature**2
+    if sample_weight is not None:
+        divergence = divergence * keras.ops.reshape(
+            keras.ops.cast(sample_weight, "float32"), (-1,))
+    count = keras.ops.cast(keras.ops.shape(divergence)[0], "float32")
+    return keras.ops.divide_no_nan(keras.ops.sum(divergence), count) * temperature**2
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A per-example loss function as a Keras `Loss`: batch mean, sample weights."""
+
+    def __init__(self, function):
+        super().__init__(name="student_loss")
+        self.function = function
+
+    def call(self, y_true, y_pred):
+        return self.function(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
@@ -50,8 +74,10 @@ class Distiller(keras.Model):
     batch carries its logits: `x` may be a dict `{"inputs": images,
     "teacher_logits": logits}`.
 
-    It trains under a `tf.distribute` strategy's `scope()` as on one device:
-    each replica's loss is its share of the global batch's mean loss.
+    It trains under a `tf.distribute` strategy's `scope()` as Keras' own
+    losses do: each replica's batch-mean loss is divided by the number of
+    replicas, whose gradients are summed. `sample_weight` (or `fit`'s
+    `class_weight`) weighs both losses.
 
     Args:
         teacher: A `keras.Model` returning logits. It is frozen. May be `None`
@@ -108,14 +134,19 @@ class Distiller(keras.Model):
 
         Args:
             optimizer: Defaults to `"adam"`.
-            student_loss: The hard-label loss. Defaults to sparse categorical
-                cross-entropy on logits.
+            student_loss: The hard-label loss: a `keras.losses.Loss`, or a
+                function `(y_true, y_pred) -> per-example losses` (its batch
+                mean is used). Defaults to sparse categorical cross-entropy on
+                logits.
             metrics: Metrics of the student's predictions against the labels.
                 Defaults to `("accuracy",)`.
         """
-        self.student_loss = student_loss or keras.losses.SparseCategoricalCrossentropy(
+        student_loss = student_loss or keras.losses.SparseCategoricalCrossentropy(
             from_logits=True
         )
+        if not isinstance(student_loss, keras.losses.Loss):
+            student_loss = _FunctionLoss(keras.losses.get(student_loss))
+        self.student_loss = student_loss
         super().compile(optimizer=optimizer, metrics=list(metrics or []), **kwargs)
 
     @property
@@ -147,12 +178,13 @@ class Distiller(keras.Model):
         """This replica's `(loss, student_loss, soft_loss)`, each a batch mean."""
         student_loss = self.student_loss(y, student_logits, sample_weight)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if isinstance(self.student_loss, keras.losses.Loss) and replicas > 1:
-            # Under a tf.distribute strategy a Keras loss object divides its
-            # value by the number of replicas (for the sum of their gradients);
-            # our soft loss does not, so the two are combined undivided.
+        if self.student_loss.reduction in MEAN_REDUCTIONS and replicas > 1:
+            # Under a tf.distribute strategy a Keras loss averaging over the
+            # batch divides by the number of replicas too (for the sum of their
+            # gradients); our soft loss does not, so the two combine undivided.
             student_loss = student_loss * replicas
-        soft_loss = distillation_loss(teacher_logits, student_logits, self.temperature)
+        soft_loss = distillation_loss(teacher_logits, student_logits, self.temperature,
+                                      sample_weight)
         loss = (self.student_loss_weight * student_loss
                 + (1.0 - self.student_loss_weight) * soft_loss)
         return loss, student_loss, soft_loss
@@ -166,8 +198,8 @@ class Distiller(keras.Model):
             student_logits = self.student(inputs, training=True)
             loss, student_loss, soft_loss = self._distillation_losses(
                 y, student_logits, teacher_logits, sample_weight)
-            # The replicas' gradients are summed: each contributes its share of
-            # the global mean loss.
+            # The replicas' gradients are summed, so each replica's mean loss is
+            # divided by their number, as Keras' own losses are.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             # Under mixed precision a LossScaleOptimizer scales the loss here and
             # unscales the gradients in `apply`; otherwise this is the identity.
@@ -189,9 +221,12 @@ class Distiller(keras.Model):
 
     def _update_metrics(self, x, y, student_logits, sample_weight, loss,
                         student_loss, soft_loss):
-        self.loss_tracker.update_state(loss)
-        self.student_loss_tracker.update_state(student_loss)
-        self.distillation_loss_tracker.update_state(soft_loss)
+        # Weighed by batch size, as Keras' own loss tracker: under a strategy a
+        # replica's share of a last, short batch may be smaller, or empty.
+        size = keras.ops.cast(keras.ops.shape(student_logits)[0], "float32")
+        self.loss_tracker.update_state(loss, sample_weight=size)
+        self.student_loss_tracker.update_state(student_loss, sample_weight=size)
+        self.distillation_loss_tracker.update_state(soft_loss, sample_weight=size)
         return self.compute_metrics(x, y, student_logits, sample_weight)
 
     def get_config(self):
