@@ -70,5 +70,10 @@ def test_jit_auto_follows_the_measurements_on_cpu():
         assert jit_for("auto", depthwise) is False  # XLA ran it 6x slower here
         assert jit_for("auto", build_classifier(plain, 3)) is True
         assert jit_for("auto", head) is False
+        with tf.distribute.MirroredStrategy().scope():
+            mirrored = build_classifier(
+                load_backbone("vgg16", weights=None, image_size=32), 3)
+        # Built under a strategy: no XLA, as Keras' own auto, even outside its scope.
+        assert jit_for("auto", mirrored) is False
     with pytest.raises(ValueError, match="must be one of"):
         jit_for("yes", head)

@@ -88,8 +88,8 @@ def jit_for(setting: str, model: keras.Model) -> bool:
     `"on"` and `"off"` are obeyed. `"auto"` turns XLA on where it was measured
     to pay (benchmarks/xla.py, results in benchmarks/RESULTS.md):
 
-    - on GPUs, as Keras' own `jit_compile="auto"` does, and as it, not under
-      a `tf.distribute` strategy's scope;
+    - on GPUs, as Keras' own `jit_compile="auto"` does, and as it, not for a
+      model built under a `tf.distribute` strategy, nor inside one's scope;
     - on CPUs, only for convolutional networks without depthwise, separable
       or grouped convolutions (VGG, ResNet, DenseNet...): XLA's CPU depthwise
       convolution made MobileNet and EfficientNet several times slower. A head alone on
@@ -99,8 +99,9 @@ def jit_for(setting: str, model: keras.Model) -> bool:
     check_choice("jit", setting, JIT_SETTINGS)
     if setting != "auto":
         return setting == "on"
-    if tf.distribute.has_strategy():
-        return False  # As Keras' own "auto" under a tf.distribute strategy.
+    if tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None):
+        # As Keras' own "auto" for a model built or compiled under a strategy.
+        return False
     if tf.config.list_physical_devices("GPU"):
         return True
     from tftransfer.hub import HubFeatureExtractor
@@ -119,18 +120,20 @@ def jit_for(setting: str, model: keras.Model) -> bool:
 
 
 def compute_features(
-    backbone: keras.Model, dataset: tf.data.Dataset, verbose="auto"
+    backbone: keras.Model, dataset: tf.data.Dataset, verbose="auto",
+    jit_compile: bool = False,
 ) -> tuple:
     """Runs a frozen backbone once over a `(pixels, label)` dataset.
 
     Streaming: the pipeline decodes the next batches while one goes through the
-    network, and only the features are kept.
+    network, and only the features are kept. `jit_compile` compiles the forward
+    pass with XLA (see `jit_for`).
 
     Returns:
         `(features, labels)` as NumPy arrays.
     """
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
     def forward(pixels):
         return backbone(pixels, training=False)
 
@@ -311,8 +314,9 @@ def fine_tune(
 
     if epochs > 0:
         if cache_features:
-            train_features = compute_features(backbone, train, verbose)
-            validation_features = compute_features(backbone, validation, verbose)
+            xla = jit_for(jit, backbone)
+            train_features = compute_features(backbone, train, verbose, xla)
+            validation_features = compute_features(backbone, validation, verbose, xla)
             compile_classifier(head, learning_rate, jit_for(jit, head))
             record(
                 train_head(
