@@ -36,6 +36,7 @@ from tftransfer.run import (
     PRECISIONS,
     begin_run,
     dtype_policy_scope,
+    plain_copy,
     read_history,
     safe_name,
     write_json_atomically,
@@ -334,7 +335,8 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
 
     def outputs(network, size, cache, split, stage):
         # A SavedModel teacher (size None) runs its own graph: XLA is not ours.
-        xla[stage] = size is not None and jit_for(config.jit, network)
+        with workers.strategy.scope():  # `auto` is off under a strategy.
+            xla[stage] = size is not None and jit_for(config.jit, network)
         result, stats = cached_outputs(
             network, [f.path for f in files[split]], [f.digest for f in files[split]],
             size, cache, config.batch_size, verbose=config.verbose,
@@ -365,9 +367,9 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         # Every batch carries the teacher's logits: the Distiller needs no teacher.
         with workers.strategy.scope():
             distiller = Distiller(None, model.get_layer("head"), **distill_settings)
-            xla["head"] = jit_for(config.jit, model.get_layer("head"))
             distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                              jit_compile=xla["head"])
+                              jit_compile=jit_for(config.jit, model.get_layer("head")))
+            xla["head"] = distiller.jit_compile  # What Keras will use.
         distiller.fit(
             _dataset(features["train"], logits["train"], labels["train"],
                      config.batch_size, True, config.seed),
@@ -382,10 +384,10 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         unfreeze_top(backbone, default_fine_tune_layers(backbone))
         with workers.strategy.scope():
             distiller = Distiller(None, model, **distill_settings)
-            xla["fine_tune"] = jit_for(config.jit, model)
             distiller.compile(
                 optimizer=keras.optimizers.Adam(config.learning_rate / 10),
-                jit_compile=xla["fine_tune"])
+                jit_compile=jit_for(config.jit, model))
+            xla["fine_tune"] = distiller.jit_compile
 
         def decode(contents):
             return decode_image(contents, image_size)
@@ -405,6 +407,10 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         backbone.trainable = False
     history = read_history(history_path)
 
+    if workers.strategy is not tf.distribute.get_strategy():
+        # Saved free of the strategy's distributed variables.
+        model = plain_copy(model, config.student, image_size, config.alpha,
+                           config.dropout)
     saved_model = write_model_files(model, output, folder.class_names)
     summary = {
         "val_accuracy": history["val_accuracy"][-1],

@@ -697,7 +697,8 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         data = image_folder_datasets(config.data_dir, config.image_size,
                                      config.batch_size, folder=folder)
     if workers.strategy is not tf.distribute.get_strategy():
-        model = _plain_copy(config, model)
+        model = plain_copy(model, config.backbone, config.image_size, config.alpha,
+                           config.dropout)
     metrics = {
         "val_accuracy": history["val_accuracy"][-1],
         "val_loss": history["val_loss"][-1],
@@ -777,15 +778,18 @@ def _end_worker(config, workers, output, history, start, state, model) -> dict:
     }
 
 
-def _plain_copy(config, model: keras.Model) -> keras.Model:
+def plain_copy(model: keras.Model, backbone: str, image_size: int,
+               alpha: Optional[float], dropout: float) -> keras.Model:
     """The trained classifier rebuilt outside any strategy, for saving.
+
+    `backbone`, `image_size`, `alpha` and `dropout` are those it was built with.
 
     A model built under a strategy holds distributed variables; saving a plain
     copy keeps the exported files free of them, and keeps the chief's saving
     free of collective ops the other workers would have to join.
     """
-    backbone = load_backbone(config.backbone, None, config.image_size, config.alpha)
-    copy = build_classifier(backbone, int(model.outputs[0].shape[-1]), config.dropout)
+    network = load_backbone(backbone, None, image_size, alpha)
+    copy = build_classifier(network, int(model.outputs[0].shape[-1]), dropout)
     # Built the same way and frozen the same way, the two list their weights
     # in the same order (names may differ: Keras numbers repeated layer names).
     if [tuple(v.shape) for v in copy.weights] != [tuple(v.shape) for v in model.weights]:
