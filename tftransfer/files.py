@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from typing import Callable
 
 
-@functools.cache
-def _default_mode() -> int:
-    """The mode `open` gives a new file: 0o666 less the process's umask."""
-    # os.umask both sets and returns the mask; this reads it once, early.
+def _umask() -> int:
+    """This process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # Elsewhere os.umask is the only way to read it, and it sets it too: put it
+    # back at once (a file another thread creates in between gets 0o022).
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def write_atomically(path: str, write: Callable, text: bool = False,
@@ -23,8 +29,9 @@ def write_atomically(path: str, write: Callable, text: bool = False,
 
     A kill or an error leaves `path` as it was (and removes the temporary file,
     unless the process was killed: its name starts with `prefix`, for a later
-    sweep). The file gets the permissions a plain `open` would give it:
-    `tempfile.mkstemp` alone makes files only their owner can read.
+    sweep). The file keeps the permissions of the one it replaces, or gets
+    those a plain `open` would give it: `tempfile.mkstemp` alone makes files
+    only their owner can read.
 
     Args:
         path: The file to write.
@@ -33,13 +40,17 @@ def write_atomically(path: str, write: Callable, text: bool = False,
         prefix: Start of the temporary file's name. Defaults to `".tmp-"`.
         suffix: End of the temporary file's name. Defaults to `""`.
     """
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        mode = 0o666 & ~_umask()
     handle, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix,
                                    dir=os.path.dirname(path) or ".")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(handle, "w" if text else "wb",
                        **({"newline": ""} if text else {})) as stream:
             write(stream)
-        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
