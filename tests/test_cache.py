@@ -1,6 +1,7 @@
 import os
 import threading
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -89,6 +90,7 @@ def test_corrupt_entries_are_detected_and_rebuilt(tmp_path, backbone):
 
 
 def test_key_changes_with_weights_size_and_preprocessing(backbone):
+    keras.utils.set_random_seed(1)  # other random weights than the fixture's
     other = load_backbone("vgg16", weights=None, image_size=32)
     assert weights_fingerprint(other) != weights_fingerprint(backbone)
     base = feature_cache_key(backbone, "vgg16", 32, "caffe")
