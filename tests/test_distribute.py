@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from conftest import last_json, shared_path
 
-from tftransfer import ServedModel
+from tftransfer import Distiller, ServedModel
+from tftransfer.distill import INPUTS, TEACHER_LOGITS
 from tftransfer.distribute import Workers, cluster_tasks, distributed_fit, make_strategy
 from tftransfer.train import feature_dataset
 
@@ -97,6 +98,44 @@ def test_own_loop_trains_like_keras_fit():
         np.testing.assert_allclose(history.history[key], fitted.history[key],
                                    rtol=1e-4, atol=1e-5)
     assert history.history["val_accuracy"][-1] > 0.8
+
+
+def _distiller(seed):
+    keras.utils.set_random_seed(seed)
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    distiller = Distiller(None, student, temperature=2.0, student_loss_weight=0.3)
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    return distiller
+
+
+def test_own_loop_distils_like_keras_fit():
+    """`Distiller.example_losses` in our loop: `Distiller.fit`'s steps and logs."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+    teacher_logits = rng.normal(size=(40, 3)).astype("float32") * 3
+
+    def batches():
+        return tf.data.Dataset.from_tensor_slices(
+            ({INPUTS: x, TEACHER_LOGITS: teacher_logits}, y)).batch(16)
+
+    class_weight = {0: 1.0, 1: 0.5, 2: 2.0}
+    reference, ours = _distiller(2), _distiller(2)
+    before = [w.copy() for w in ours.get_weights()]
+    fitted = reference.fit(batches(), validation_data=batches(), epochs=5,
+                           class_weight=class_weight, verbose=0)
+    workers = Workers(tf.distribute.get_strategy())
+    history = distributed_fit(
+        workers, ours, workers.lockstep(batches(), 40, 16),
+        workers.lockstep(batches(), 40, 16), epochs=5, class_weight=class_weight,
+        verbose=0, example_losses=ours.example_losses)
+    for a, b, c in zip(reference.get_weights(), ours.get_weights(), before):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(b, c)
+    assert sorted(history.history) == sorted(fitted.history)
+    for key, values in fitted.history.items():
+        np.testing.assert_allclose(history.history[key], values, rtol=1e-4,
+                                   atol=1e-5, err_msg=key)
 
 
 # A fresh process: the two logical CPUs must be set before TensorFlow starts.
@@ -196,10 +235,11 @@ MOBILENET_V2 = ("--backbone", "mobilenet_v2", "--alpha", "0.35")
 
 
 def _start_workers(run, data, *args, extra=((), ()), model=MOBILENET_V2,
-                   chief_job=False):
+                   chief_job=False, command="train"):
     """Two `tftransfer train --strategy multi_worker` processes on loopback ports.
 
     The first is worker 0, or with `chief_job` the cluster's `chief` task.
+    `command` may be `"distill"`, its teacher and student in `model`.
     """
     first, second = (f"localhost:{port}" for port in _free_ports(2))
     if chief_job:
@@ -213,7 +253,7 @@ def _start_workers(run, data, *args, extra=((), ()), model=MOBILENET_V2,
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": task_type, "index": index}}))
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tftransfer", "train", data, "--output", run,
+            [sys.executable, "-m", "tftransfer", command, data, "--output", run,
              *model, "--strategy", "multi_worker", "--json", *args, *more],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     return processes
@@ -327,16 +367,52 @@ def test_a_cluster_with_a_chief_task_trains_one_model(scenes_dir, tmp_path):
         assert code == 0, stderr[-3000:]
         outputs.append(last_json(stdout))
     chief, worker = outputs
-    assert chief["is_chief"] and not worker["is_chief"]
-    assert worker["worker"] == 1 and worker["saved_model"] is None
-    assert chief["num_workers"] == chief["num_replicas_in_sync"] == 2
-    assert chief["weights_sha256"] == worker["weights_sha256"]
+    _assert_one_model_in_one_run_folder(chief, worker, run)
+    assert worker["worker"] == 1
     # The chief, pipeline 0, computed the features of its half of the images only.
     assert (chief["features"]["computed"] + chief["features"]["hits"]
-            == -(-chief["num_train"] // 2) + -(-chief["num_validation"] // 2))
+            == _half(chief["num_train"]) + _half(chief["num_validation"]))
+
+
+def _half(count):
+    return -(-count // 2)
+
+
+def _assert_one_model_in_one_run_folder(chief, worker, run):
+    """Two workers' summaries of 15 + 1 epochs on the scenes, and their folder."""
+    assert chief["is_chief"] and not worker["is_chief"]
+    assert worker["saved_model"] is None
+    assert chief["strategy"] == "multi_worker"
+    assert chief["num_workers"] == chief["num_replicas_in_sync"] == 2
+    assert chief["weights_sha256"] == worker["weights_sha256"]
     assert chief["history"]["val_accuracy"][14] >= 0.8
     assert len(chief["history"]["val_accuracy"]) == 16
     assert ServedModel(chief["saved_model"]).class_names == chief["class_names"]
     assert sorted(os.listdir(run)) == sorted(
         ["data_report.json", "history.csv", "labels.txt", "metrics.json",
          "model.keras", "saved_model"])
+
+
+def test_two_workers_distil_one_student(trained_run, scenes_dir, tmp_path):
+    """`distill --strategy multi_worker`: each worker runs the teacher and the
+    student's backbone on its half of the images, and the two train one student."""
+    run = str(tmp_path / "student")
+    student = ("--teacher", trained_run, "--student", "vgg16", "--weights", "none")
+    outputs = []
+    for code, stdout, stderr in _finish(_start_workers(
+            run, scenes_dir, "--epochs", "15", "--learning-rate", "0.01",
+            "--fine-tune-epochs", "1", model=student, command="distill")):
+        assert code == 0, stderr[-3000:]
+        outputs.append(last_json(stdout))
+    chief, worker = outputs
+    _assert_one_model_in_one_run_folder(chief, worker, run)
+    assert chief["history"] == worker["history"]
+    assert {"student_loss", "val_distillation_loss"} <= set(chief["history"])
+    for network in ("teacher_logits", "features"):
+        assert (chief[network]["computed"] + chief[network]["hits"]
+                == _half(chief["num_train"]) + _half(chief["num_validation"]))
+    # Over all the validation images, not the chief's half.
+    with open(os.path.join(trained_run, "metrics.json")) as handle:
+        teacher = json.load(handle)
+    assert chief["teacher_val_accuracy"] == pytest.approx(teacher["val_accuracy"])
+    assert worker["teacher_val_accuracy"] == chief["teacher_val_accuracy"]

@@ -45,9 +45,22 @@ def _add_jit(parser):
     )
 
 
+def _add_strategy(parser):
+    from tftransfer.distribute import STRATEGIES
+
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="tf.distribute strategy; multi_worker trains on the machines TF_CONFIG "
+        "names, --batch-size being the global batch; auto: multi_worker when "
+        "TF_CONFIG names several, mirrored with several GPUs, else default "
+        "(default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tftransfer.backbones import backbone_names
-    from tftransfer.distribute import ONE_MACHINE_STRATEGIES, STRATEGIES
 
     parser = argparse.ArgumentParser(
         prog="tftransfer",
@@ -160,15 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_mixed_precision(train, "the backbone")
     _add_jit(train)
-    train.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default="auto",
-        help="tf.distribute strategy; multi_worker trains on the machines TF_CONFIG "
-        "names, --batch-size being the global batch; auto: multi_worker when "
-        "TF_CONFIG names several, mirrored with several GPUs, else default "
-        "(default: auto)",
-    )
+    _add_strategy(train)
     train.add_argument(
         "--overwrite",
         action="store_true",
@@ -227,14 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="compute teacher logits and features in memory")
     _add_mixed_precision(distill, "the student's backbone")
     _add_jit(distill)
-    distill.add_argument(
-        "--strategy",
-        choices=ONE_MACHINE_STRATEGIES,
-        default="auto",
-        help="tf.distribute strategy on this machine, --batch-size being the "
-        "global batch; auto: mirrored with several GPUs, else default "
-        "(default: auto)",
-    )
+    _add_strategy(distill)
     distill.add_argument("--overwrite", action="store_true",
                          help="replace a finished run in RUN_DIR")
     _add_json(distill)
@@ -320,6 +318,12 @@ def _train(args):
         lines.append(f"test_accuracy {summary['test_accuracy']:.4f}")
     if summary["resumed_from_epoch"] is not None:
         lines.append(f"resumed from epoch {summary['resumed_from_epoch']}")
+    return summary, lines + _where_lines(summary)
+
+
+def _where_lines(summary):
+    """The lines of a `train` or `distill` run saying where its results are."""
+    lines = []
     if summary["num_workers"] > 1:
         lines.append(f"{summary['num_workers']} workers, "
                      f"{summary['num_replicas_in_sync']} replicas in sync")
@@ -328,7 +332,7 @@ def _train(args):
         lines.append(f"SavedModel for serving: {summary['saved_model']}")
     else:
         lines.append("(the chief writes the run folder)")
-    return summary, lines
+    return lines
 
 
 def _distill(args):
@@ -361,10 +365,8 @@ def _distill(args):
     lines = [
         f"student val_accuracy {summary['val_accuracy']:.4f} (teacher "
         f"{summary['teacher_val_accuracy']:.4f}) after {summary['seconds']:.1f} s",
-        f"run folder: {summary['run_dir']}",
-        f"SavedModel for serving: {summary['saved_model']}",
     ]
-    return summary, lines
+    return summary, lines + _where_lines(summary)
 
 
 def _evaluate(args):

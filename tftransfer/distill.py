@@ -25,18 +25,13 @@ INPUTS = "inputs"
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
-def distillation_loss(teacher_logits, student_logits, temperature: float,
-                      sample_weight=None):
-    """`KL(softmax(t/T) || softmax(s/T)) * T^2`, averaged over the batch.
+def distillation_losses(teacher_logits, student_logits, temperature: float):
+    """`KL(softmax(t/T) || softmax(s/T)) * T^2` for each example.
 
     The `T^2` factor keeps the soft targets' gradients on the same scale as the
     hard targets' when the temperature changes (Hinton et al., 2015). The KL
     divergence is Keras' (`keras.losses.KLDivergence`, with its clipping), so the
     value equals `keras.distillation.LogitsDistillation`'s.
-
-    `sample_weight`, one per example, weighs each example's divergence; the sum
-    is divided by the batch size, as Keras' `"sum_over_batch_size"` does (and an
-    empty batch gives 0, not NaN).
     """
     teacher = keras.ops.softmax(
         keras.ops.cast(teacher_logits, "float32") / temperature, axis=-1
@@ -45,11 +40,23 @@ def distillation_loss(teacher_logits, student_logits, temperature: float,
         keras.ops.cast(student_logits, "float32") / temperature, axis=-1
     )
     divergence = keras.losses.KLDivergence(reduction=None)(teacher, student)
+    return divergence * temperature**2
+
+
+def distillation_loss(teacher_logits, student_logits, temperature: float,
+                      sample_weight=None):
+    """`distillation_losses` averaged over the batch.
+
+    `sample_weight`, one per example, weighs each example's divergence; the sum
+    is divided by the batch size, as Keras' `"sum_over_batch_size"` does (and an
+    empty batch gives 0, not NaN).
+    """
+    divergence = distillation_losses(teacher_logits, student_logits, temperature)
     if sample_weight is not None:
         divergence = divergence * keras.ops.reshape(
             keras.ops.cast(sample_weight, "float32"), (-1,))
     count = keras.ops.cast(keras.ops.shape(divergence)[0], "float32")
-    return keras.ops.divide_no_nan(keras.ops.sum(divergence), count) * temperature**2
+    return keras.ops.divide_no_nan(keras.ops.sum(divergence), count)
 
 
 class _FunctionLoss(keras.losses.Loss):
@@ -188,6 +195,23 @@ class Distiller(keras.Model):
         loss = (self.student_loss_weight * student_loss
                 + (1.0 - self.student_loss_weight) * soft_loss)
         return loss, student_loss, soft_loss
+
+    def example_losses(self, x, y, student_logits) -> dict:
+        """Each example's `loss`, `student_loss` and `distillation_loss`.
+
+        What `train_step` averages over a batch, for training loops of one's
+        own (`tftransfer.distribute.distributed_fit` takes it as
+        `example_losses`). `x` is a batch as `fit` would get it.
+        """
+        _, teacher_logits = self._split(x)
+        student_loss = self.student_loss.call(
+            y, keras.ops.cast(student_logits, "float32"))
+        soft_loss = distillation_losses(keras.ops.stop_gradient(teacher_logits),
+                                        student_logits, self.temperature)
+        loss = (self.student_loss_weight * student_loss
+                + (1.0 - self.student_loss_weight) * soft_loss)
+        return {"loss": loss, "student_loss": student_loss,
+                "distillation_loss": soft_loss}
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

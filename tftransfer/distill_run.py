@@ -29,13 +29,22 @@ from tftransfer.cache import (
 )
 from tftransfer.data import RESIZE_METHOD, decode_image
 from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
-from tftransfer.distribute import ONE_MACHINE_STRATEGIES, Workers, make_strategy
+from tftransfer.distribute import (
+    LOST_PEER_ERRORS,
+    STRATEGIES,
+    Workers,
+    distributed_fit,
+    lost_worker,
+    make_strategy,
+)
 from tftransfer.errors import DataError, RunFolderError, TransferError, check_choice
 from tftransfer.heads import build_classifier
 from tftransfer.run import (
     PRECISIONS,
+    WORKER_FOLDER_PREFIX,
     begin_run,
     dtype_policy_scope,
+    end_worker,
     plain_copy,
     read_history,
     safe_name,
@@ -165,10 +174,12 @@ class DistillConfig:
         jit: `"auto"`, `"on"` or `"off"`: compile the forward passes and the
             `Distiller`'s steps with XLA, as for `TrainConfig`; `auto` uses it
             where it was measured to pay (see `jit_for`). Defaults to `"auto"`.
-        strategy: `"auto"`, `"default"` or `"mirrored"`: the `tf.distribute`
-            strategy the student trains under, as for `TrainConfig`, on this
-            machine only (`batch_size` is the global batch). `auto` is
-            `mirrored` with several GPUs. Defaults to `"auto"`.
+        strategy: `"auto"`, `"default"`, `"mirrored"` or `"multi_worker"`:
+            the `tf.distribute` strategy the student trains under, as for
+            `TrainConfig` (`batch_size` is the global batch). Across machines
+            each worker computes the teacher's logits and the student's
+            features for its share of the images, and the chief writes the
+            run folder. Defaults to `"auto"`.
         overwrite: Replace a finished run. Defaults to `False`.
         verbose: Defaults to `"auto"`.
     """
@@ -219,7 +230,7 @@ class DistillConfig:
             )
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         check_choice("jit", self.jit, JIT_SETTINGS)
-        check_choice("strategy", self.strategy, ONE_MACHINE_STRATEGIES)
+        check_choice("strategy", self.strategy, STRATEGIES)
         self.student = get_backbone_spec(self.student).name
         if self.output is None:
             data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
@@ -284,14 +295,23 @@ def distill_run(config: DistillConfig) -> dict:
         ValueError: a student image size the teacher does not take.
         RunFolderError: `config.output` holds a finished run.
     """
-    workers = Workers.of(make_strategy(config.strategy, multi_worker=False))
+    workers = Workers.of(make_strategy(config.strategy))
     with dtype_policy_scope(config.mixed_precision):
-        return _distill_run(config, workers)
+        try:
+            return _distill_run(config, workers)
+        except LOST_PEER_ERRORS as error:
+            if not workers.own_loop:
+                raise
+            raise lost_worker("during the run", error) from error
 
 
 def _distill_run(config: DistillConfig, workers: Workers) -> dict:
     start = time.perf_counter()
-    output, folder, report = begin_run(config)
+    run_dir = os.path.abspath(config.output)
+    # Across machines the other workers keep their files apart until the end.
+    output = run_dir if workers.is_chief else os.path.join(
+        run_dir, f"{WORKER_FOLDER_PREFIX}{workers.index}")
+    output, folder, report = begin_run(config, output)
     teacher = load_teacher(config.teacher)
     _check_teacher(teacher, folder.class_names, config.image_size)
     spec = get_backbone_spec(config.student)
@@ -328,9 +348,12 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         backbone, f"{spec.name}:alpha={config.alpha}", image_size, spec.preprocessing,
     ), verbose=verbose)
     splits = ("train", "validation")
-    files = {split: folder.used(split) for split in splits}
-    labels = {split: folder.paths_and_labels(split)[1] for split in splits}
-    counts = {}
+    share = workers.shard(folder)  # All of it on one machine.
+    files = {split: share.used(split) for split in splits}
+    labels = {split: share.paths_and_labels(split)[1] for split in splits}
+    totals = {split: len(folder.used(split)) for split in splits}
+    # This worker's cache hits and computed entries, per network, for the summary.
+    counts = {"teacher": {}, "forward": {}}
     xla = {}  # Which stage ran with XLA, for the summary.
 
     def outputs(network, size, cache, split, stage):
@@ -343,69 +366,81 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
             jit_compile=xla[stage],
         )
         for name, value in stats._asdict().items():
-            counts.setdefault(name, 0)
-            counts[name] += value
+            counts[stage][name] = counts[stage].get(name, 0) + value
         return result
 
     _say(config, "Computing the teacher's logits ...")
     network = teacher.model if teacher.model is not None else teacher.forward
     logits = {s: outputs(network, teacher.image_size, teacher_cache, s, "teacher")
               for s in splits}
-    teacher_accuracy = float(np.mean(logits["validation"].argmax(-1)
-                                     == labels["validation"]))
+    correct, seen = workers.total([
+        np.sum(logits["validation"].argmax(-1) == labels["validation"]),
+        len(labels["validation"])])
+    teacher_accuracy = float(correct / max(seen, 1.0))
     _say(config, f"Teacher: val_accuracy {teacher_accuracy:.4f}; logits "
-                 f"{counts['hits']} from cache, {counts['computed']} computed")
+                 f"{counts['teacher']['hits']} from cache, "
+                 f"{counts['teacher']['computed']} computed")
     distill_settings = dict(temperature=config.temperature,
                             student_loss_weight=config.student_loss_weight)
+
+    def jit(network):
+        # Across machines the training steps are our own, never compiled by XLA.
+        return not workers.own_loop and jit_for(config.jit, network)
+
+    def fit(distiller, inputs, epochs, phase, decode=None):
+        """`fit`, or our own loop across machines (see `distributed_fit`)."""
+        train, validation = (
+            _dataset(inputs[s], logits[s], labels[s], config.batch_size,
+                     s == "train", config.seed, decode) for s in splits)
+        initial_epoch = config.epochs if phase == "fine_tune" else 0
+        callbacks = [HistoryCSV(history_path, phase)]
+        if not workers.own_loop:
+            distiller.fit(train, validation_data=validation, epochs=epochs,
+                          initial_epoch=initial_epoch, callbacks=callbacks,
+                          verbose=config.verbose)
+            return
+        distributed_fit(
+            workers, distiller,
+            workers.lockstep(train, totals["train"], config.batch_size),
+            workers.lockstep(validation, totals["validation"], config.batch_size),
+            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+            verbose=config.verbose, example_losses=distiller.example_losses,
+        )
     if config.epochs > 0:
-        counts.clear()
         _say(config, "Computing the student's backbone features ...")
         features = {s: outputs(backbone, image_size, student_cache, s, "forward")
                     for s in splits}
-        _say(config, f"Student features: {counts['hits']} from cache, "
-                     f"{counts['computed']} computed")
+        _say(config, f"Student features: {counts['forward']['hits']} from cache, "
+                     f"{counts['forward']['computed']} computed")
         # Every batch carries the teacher's logits: the Distiller needs no teacher.
         with workers.strategy.scope():
             distiller = Distiller(None, model.get_layer("head"), **distill_settings)
             distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                              jit_compile=jit_for(config.jit, model.get_layer("head")))
+                              jit_compile=jit(model.get_layer("head")))
             xla["head"] = distiller.jit_compile  # What Keras will use.
-        distiller.fit(
-            _dataset(features["train"], logits["train"], labels["train"],
-                     config.batch_size, True, config.seed),
-            validation_data=_dataset(features["validation"], logits["validation"],
-                                     labels["validation"], config.batch_size, False,
-                                     config.seed),
-            epochs=config.epochs,
-            callbacks=[HistoryCSV(history_path, "head")],
-            verbose=config.verbose,
-        )
+        fit(distiller, features, config.epochs, "head")
     if config.fine_tune_epochs > 0:
         unfreeze_top(backbone, default_fine_tune_layers(backbone))
         with workers.strategy.scope():
             distiller = Distiller(None, model, **distill_settings)
             distiller.compile(
                 optimizer=keras.optimizers.Adam(config.learning_rate / 10),
-                jit_compile=jit_for(config.jit, model))
+                jit_compile=jit(model))
             xla["fine_tune"] = distiller.jit_compile
 
         def decode(contents):
             return decode_image(contents, image_size)
 
         paths = {s: [f.path for f in files[s]] for s in splits}
-        distiller.fit(
-            _dataset(paths["train"], logits["train"], labels["train"],
-                     config.batch_size, True, config.seed, decode),
-            validation_data=_dataset(paths["validation"], logits["validation"],
-                                     labels["validation"], config.batch_size, False,
-                                     config.seed, decode),
-            epochs=config.epochs + config.fine_tune_epochs,
-            initial_epoch=config.epochs,
-            callbacks=[HistoryCSV(history_path, "fine_tune")],
-            verbose=config.verbose,
-        )
+        fit(distiller, paths, config.epochs + config.fine_tune_epochs, "fine_tune",
+            decode)
         backbone.trainable = False
     history = read_history(history_path)
+    cache_counts = {"teacher_logits": counts["teacher"],
+                    "features": counts["forward"] or None}
+    if not workers.is_chief:
+        return {**end_worker(config, workers, output, history, start, None, model),
+                "teacher_val_accuracy": teacher_accuracy, **cache_counts}
 
     if workers.strategy is not tf.distribute.get_strategy():
         # Saved free of the strategy's distributed variables.
@@ -419,8 +454,8 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "num_classes": len(folder.class_names),
         "class_names": folder.class_names,
-        "num_train": len(files["train"]),
-        "num_validation": len(files["validation"]),
+        "num_train": totals["train"],
+        "num_validation": totals["validation"],
         "num_skipped": len(folder.skipped()),
         "run_dir": output,
         "saved_model": saved_model,
@@ -437,7 +472,12 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         "xla": xla,
         "strategy": workers.name,
         "num_replicas_in_sync": workers.num_replicas_in_sync,
+        "num_workers": workers.count,
+        "is_chief": True,
+        # Across machines, the other workers' summaries say the same.
+        "weights_sha256": weights_fingerprint(model) if workers.count > 1 else None,
         "feature_cache": cache_dir,
+        **cache_counts,
         "history": history,
     }
     write_json_atomically(os.path.join(output, "metrics.json"), summary)

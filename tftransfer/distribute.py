@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -34,8 +34,6 @@ import tensorflow as tf
 from tftransfer.errors import WorkerError, check_choice
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-# For jobs that run Keras' `fit` only, which fails across machines (see above).
-ONE_MACHINE_STRATEGIES = ("auto", "default", "mirrored")
 # What collective ops raise when a peer has stopped or cannot be reached.
 LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError,
                     tf.errors.UnknownError, tf.errors.AbortedError,
@@ -72,8 +70,7 @@ def cluster_tasks() -> int:
         ) from error
 
 
-def make_strategy(name: str = "auto", multi_worker: bool = True
-                  ) -> tf.distribute.Strategy:
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """The `tf.distribute.Strategy` for a `strategy` setting.
 
     Args:
@@ -82,23 +79,13 @@ def make_strategy(name: str = "auto", multi_worker: bool = True
             machines `TF_CONFIG` names) or `"auto"`: `multi_worker` when
             `TF_CONFIG` names more than one task, else `mirrored` when this
             machine has more than one GPU, else `default`.
-        multi_worker: `False` for a job that runs on one machine only: `name`
-            is then one of `ONE_MACHINE_STRATEGIES`, and `"auto"` refuses a
-            `TF_CONFIG` naming several tasks rather than run on each alone.
 
     Create it first thing in a process: `MultiWorkerMirroredStrategy` configures
     TensorFlow's collective ops, which must happen before TensorFlow runs.
     """
-    check_choice("strategy", name, STRATEGIES if multi_worker else ONE_MACHINE_STRATEGIES)
+    check_choice("strategy", name, STRATEGIES)
     tasks = cluster_tasks()
     if name == "auto":
-        if tasks > 1 and not multi_worker:
-            raise ValueError(
-                f"TF_CONFIG names {tasks} machines, but this job trains on one "
-                "machine only (Keras' fit fails across machines, keras#20585). "
-                "Unset TF_CONFIG, or pass --strategy default or mirrored "
-                "(strategy='default' or 'mirrored') to run on this machine alone."
-            )
         if tasks > 1:
             name = "multi_worker"
         elif len(tf.config.list_physical_devices("GPU")) > 1:
@@ -221,6 +208,22 @@ class Workers:
 
         return float(count(dissent).numpy()) == 0.0
 
+    def total(self, values) -> np.ndarray:
+        """The sum of every worker's `values` (numbers, an array), on every worker."""
+        values = np.asarray(values, "float64")  # Counts stay exact.
+        if not self.own_loop:
+            return values
+        strategy = self.strategy
+        # Each worker's replicas (one per device) share its values equally.
+        share = values / (self.num_replicas_in_sync // self.count)
+
+        @tf.function
+        def run(share):
+            return strategy.reduce(
+                "sum", strategy.run(lambda: tf.identity(share)), axis=None)
+
+        return run(tf.constant(share)).numpy()
+
     def _broadcast(self, value: np.ndarray) -> np.ndarray:
         """The chief's `value` on every worker (others pass zeros, same shape)."""
         strategy = self.strategy
@@ -307,13 +310,15 @@ def distributed_fit(
     callbacks: Optional[list] = None,
     class_weight: Optional[dict] = None,
     verbose="auto",
+    example_losses: Optional[Callable] = None,
 ) -> keras.callbacks.History:
     """`model.fit` for a compiled classifier, run through `strategy.run`.
 
     For strategies under which Keras' `fit` fails (see the module docstring).
     The model must have been built and compiled (Adam or any Keras optimizer)
-    under `workers.strategy.scope()`; its loss is sparse cross-entropy on
-    logits, its metric accuracy, as `compile_classifier` sets.
+    under `workers.strategy.scope()`. It is trained on sparse cross-entropy on
+    logits, as `compile_classifier` sets, or on `example_losses`; its metric
+    is accuracy.
 
     Args:
         workers: See `Workers`.
@@ -328,21 +333,31 @@ def distributed_fit(
             examples, and setting `model.stop_training` stops after the epoch.
         class_weight: Optional `{label: weight}`, as in `fit`.
         verbose: `0` for silence; otherwise one line per epoch.
+        example_losses: Optional `(x, y, logits) -> {name: per-example
+            losses}` (e.g. `Distiller.example_losses`): `"loss"` is minimized,
+            every term is logged as its mean over the epoch's examples.
+            Defaults to `{"loss": sparse cross-entropy on logits}`.
 
     Returns:
         A `keras.callbacks.History`.
     """
     strategy = workers.strategy
     optimizer = model.optimizer
-    num_classes = int(model.outputs[0].shape[-1])
     weights = None
     if class_weight:
         weights = tf.constant(
-            [float(class_weight.get(i, 1.0)) for i in range(num_classes)], "float32"
+            [float(class_weight.get(i, 1.0)) for i in range(max(class_weight) + 1)],
+            "float32",
         )
-    cross_entropy = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None
-    )
+    if example_losses is None:
+        cross_entropy = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=None
+        )
+
+        def example_losses(x, y, logits):
+            return {"loss": cross_entropy(y, logits)}
+
+    names = []  # The loss terms' names, in order, once the step is traced.
 
     def sums(x, y, mask, training):
         # Loss and accuracy of this replica's examples, as sums: reduced over all
@@ -352,9 +367,12 @@ def distributed_fit(
         # Class weights weigh the training loss only, as in `fit`.
         scale = mask if weights is None or not training else mask * tf.gather(weights, y)
         logits = model(x, training=training)
-        losses = cross_entropy(y, logits) * scale
+        terms = example_losses(x, y, logits)
+        names[:] = list(terms)
+        term_sums = [tf.reduce_sum(tf.cast(terms[name], "float32") * scale)
+                     for name in names]
         # The mean over the global batch, as Keras' "sum_over_batch_size".
-        loss = tf.reduce_sum(losses) / tf.maximum(count, 1.0)
+        loss = term_sums[names.index("loss")] / tf.maximum(count, 1.0)
         if training and model.losses:
             # Regularization (e.g. a hub module's): each replica adds its share,
             # the gradients' all-reduce sums the shares.
@@ -362,7 +380,7 @@ def distributed_fit(
                 strategy.num_replicas_in_sync)
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type="int32"), y),
                           "float32")
-        return loss, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * mask),
+        return loss, tf.stack([*term_sums, tf.reduce_sum(correct * mask),
                                tf.reduce_sum(mask)])
 
     def train_replica(x, y, mask):
@@ -401,12 +419,15 @@ def distributed_fit(
         return strategy.reduce("sum", strategy.run(test_replica, args=batch), None)
 
     def run_epoch(dataset, step):
-        totals, steps = np.zeros(3), 0
+        """`{name: mean}` of the loss terms and accuracy, and the step count."""
+        totals, steps = 0.0, 0
         for batch in strategy.experimental_distribute_dataset(dataset):
-            totals += step(batch).numpy()
+            totals = totals + step(batch).numpy()  # Sized once `step` is traced.
             steps += 1
-        count = max(totals[2], 1.0)
-        return totals[0] / count, totals[1] / count, steps
+        if not steps:
+            return {}, 0
+        means = totals / max(totals[-1], 1.0)
+        return {"accuracy": means[-2], **dict(zip(names, means))}, steps
 
     history = keras.callbacks.History()
     callback_list = keras.callbacks.CallbackList(
@@ -417,12 +438,11 @@ def distributed_fit(
         callback_list.on_epoch_begin(epoch)
         start = time.perf_counter()
         try:
-            loss, accuracy, steps = run_epoch(train, train_step)
-            val_loss, val_accuracy, _ = run_epoch(validation, test_step)
+            logs, steps = run_epoch(train, train_step)
+            validation_logs, _ = run_epoch(validation, test_step)
         except LOST_PEER_ERRORS as error:
             raise lost_worker(f"in epoch {epoch + 1}", error) from error
-        logs = {"accuracy": accuracy, "loss": loss,
-                "val_accuracy": val_accuracy, "val_loss": val_loss}
+        logs.update({f"val_{name}": value for name, value in validation_logs.items()})
         if verbose != 0:
             print(f"Epoch {epoch + 1}/{epochs} - {steps} steps - "
                   f"{time.perf_counter() - start:.1f}s - "

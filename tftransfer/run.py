@@ -692,7 +692,7 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         from_activations = phases.fine_tune_phase()
     history = read_history(history_path)
     if not workers.is_chief:
-        return _end_worker(config, workers, output, history, start, state, model)
+        return end_worker(config, workers, output, history, start, state, model)
     if share is not folder:
         data = image_folder_datasets(config.data_dir, config.image_size,
                                      config.batch_size, folder=folder)
@@ -757,7 +757,7 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
     return summary
 
 
-def _end_worker(config, workers, output, history, start, state, model) -> dict:
+def end_worker(config, workers, output, history, start, state, model) -> dict:
     """A worker other than the chief removes its folder and reports briefly."""
     shutil.rmtree(output, ignore_errors=True)
     return {
