@@ -1,5 +1,6 @@
 import os
 import threading
+import time
 
 import keras
 import numpy as np
@@ -119,6 +120,29 @@ def test_concurrent_writers_never_leave_a_bad_entry(tmp_path):
         thread.join()
     assert not [n for n in os.listdir(os.path.dirname(cache.path("ab" * 32)))
                 if n.startswith(".tmp-")]
+
+
+def test_a_killed_writers_temporary_files_are_swept(tmp_path):
+    """A kill mid-write leaves `.tmp-*` beside the entries: old ones go, entries
+    and a write that may still be in progress stay."""
+    cache = FeatureCache(str(tmp_path), {"network": "test"})
+    cache.store("cd" * 32, np.ones(3, "float32"))
+    folder = os.path.dirname(cache.path("cd" * 32))
+    stale = [os.path.join(folder, ".tmp-killed"), os.path.join(cache.directory,
+                                                                ".tmp-probe-x")]
+    fresh = os.path.join(folder, ".tmp-writing")
+    for path in [*stale, fresh]:
+        with open(path, "wb") as handle:
+            handle.write(b"half an entry")
+    hours_ago = time.time() - 2 * 3600
+    for path in [*stale, cache.path("cd" * 32)]:
+        os.utime(path, (hours_ago, hours_ago))
+    again = FeatureCache(str(tmp_path), {"network": "test"})
+    assert again.swept == 2
+    assert not any(os.path.exists(path) for path in stale)
+    assert os.path.exists(fresh)
+    array, status = again.load("cd" * 32)
+    assert status == "hit" and array.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_unwritable_cache_folder_warns_and_runs_without(tmp_path, capsys):

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tftransfer.data import RESIZE_METHOD, make_dataset
 from tftransfer.errors import check_choice
-from tftransfer.files import write_atomically
+from tftransfer.files import TEMPORARY_PREFIX, sweep_temporaries, write_atomically
 
 FORMAT_VERSION = "v1"
 HEADER_SIZE = 64
@@ -123,9 +123,12 @@ class FeatureCache:
             contents = json.dumps(self.key, indent=2, default=str)
             write_atomically(key_path, lambda stream: stream.write(contents), text=True)
         # Fail now, not mid-run, when the folder cannot be written.
-        handle, probe = tempfile.mkstemp(prefix=".probe-", dir=self.directory)
+        handle, probe = tempfile.mkstemp(prefix=TEMPORARY_PREFIX + "probe-",
+                                        dir=self.directory)
         os.close(handle)
         os.remove(probe)
+        # What runs killed mid-write left behind (never read: not entries).
+        self.swept = sweep_temporaries(self.directory)
 
     def path(self, digest: str) -> str:
         return os.path.join(self.directory, digest[:2], digest + ".bin")

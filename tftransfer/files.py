@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Callable
+
+TEMPORARY_PREFIX = ".tmp-"
+# A temporary file this old is a killed writer's: no write takes an hour.
+STALE_SECONDS = 3600
 
 
 def _umask() -> int:
@@ -24,12 +29,12 @@ def _umask() -> int:
 
 
 def write_atomically(path: str, write: Callable, text: bool = False,
-                     prefix: str = ".tmp-", suffix: str = "") -> None:
+                     prefix: str = TEMPORARY_PREFIX, suffix: str = "") -> None:
     """Writes `path` through a temporary file beside it, renamed into place.
 
     A kill or an error leaves `path` as it was (and removes the temporary file,
     unless the process was killed: its name starts with `prefix`, for a later
-    sweep). The file keeps the permissions of the one it replaces, or gets
+    `sweep_temporaries`). The file keeps the permissions of the one it replaces, or gets
     those a plain `open` would give it: `tempfile.mkstemp` alone makes files
     only their owner can read.
 
@@ -37,7 +42,8 @@ def write_atomically(path: str, write: Callable, text: bool = False,
         path: The file to write.
         write: `callable(stream)` that writes the contents.
         text: Open the stream in text mode (else binary). Defaults to `False`.
-        prefix: Start of the temporary file's name. Defaults to `".tmp-"`.
+        prefix: Start of the temporary file's name. Defaults to
+            `TEMPORARY_PREFIX`.
         suffix: End of the temporary file's name. Defaults to `""`.
     """
     try:
@@ -56,3 +62,28 @@ def write_atomically(path: str, write: Callable, text: bool = False,
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def sweep_temporaries(directory: str, older_than: float = STALE_SECONDS) -> int:
+    """Removes the temporary files killed writers left in `directory`'s tree.
+
+    Only `write_atomically`'s (named `TEMPORARY_PREFIX...`) older than
+    `older_than` seconds: a younger one may be another process's write in
+    progress. Files that vanish or cannot be removed meanwhile are left alone.
+
+    Returns:
+        How many were removed.
+    """
+    removed, now = 0, time.time()
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if not name.startswith(TEMPORARY_PREFIX):
+                continue
+            path = os.path.join(root, name)
+            try:
+                if now - os.lstat(path).st_mtime > older_than:
+                    os.remove(path)
+                    removed += 1
+            except OSError:
+                pass
+    return removed
