@@ -416,3 +416,15 @@ def test_two_workers_distil_one_student(trained_run, scenes_dir, tmp_path):
         teacher = json.load(handle)
     assert chief["teacher_val_accuracy"] == pytest.approx(teacher["val_accuracy"])
     assert worker["teacher_val_accuracy"] == chief["teacher_val_accuracy"]
+
+
+def test_a_distilling_worker_with_other_settings_is_refused(trained_run, scenes_dir,
+                                                            tmp_path):
+    run = str(tmp_path / "student")
+    student = ("--teacher", trained_run, "--student", "vgg16", "--weights", "none")
+    (chief_code, _, chief_err), (code, _, stderr) = _finish(_start_workers(
+        run, scenes_dir, "--epochs", "2", extra=((), ("--temperature", "2")),
+        model=student, command="distill"))
+    assert code == 2 and "temperature: 3.0 on the chief, 2.0 here" in stderr
+    assert chief_code == 2 and "Lost contact with the other workers" in chief_err
+    assert not os.path.exists(os.path.join(run, "metrics.json"))

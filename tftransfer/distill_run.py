@@ -47,6 +47,7 @@ from tftransfer.run import (
     end_worker,
     plain_copy,
     read_history,
+    run_settings,
     safe_name,
     write_json_atomically,
     write_model_files,
@@ -314,6 +315,10 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
     output, folder, report = begin_run(config, output)
     teacher = load_teacher(config.teacher)
     _check_teacher(teacher, folder.class_names, config.image_size)
+    # Every worker must distil the same teacher (wherever its file is) with the
+    # same settings on the same images: the chief checks.
+    settings = {**run_settings(config, folder), "teacher": teacher.fingerprint}
+    workers.share_state(None, settings)
     spec = get_backbone_spec(config.student)
     image_size = config.image_size or teacher.image_size or spec.default_image_size
     with workers.strategy.scope():

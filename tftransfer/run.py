@@ -264,8 +264,12 @@ def write_json_atomically(path: str, payload) -> None:
         json.dumps(payload, indent=2) + "\n"), text=True)
 
 
-def _run_settings(config: TrainConfig, folder: ImageFolder) -> dict:
-    """What must not change for a killed run to be resumed: settings and data."""
+def run_settings(config, folder: ImageFolder) -> dict:
+    """What must not change for a killed run to be resumed: settings and data.
+
+    Also what every worker of a cluster must agree on. `config` is a
+    `TrainConfig` or a `DistillConfig`.
+    """
     settings = dataclasses.asdict(config)
     # `cache` stays: it decides whether fine-tuning trains from activations,
     # and so which optimizer state the checkpoint holds.
@@ -629,7 +633,7 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
                   else "; consider --class-weight auto (class_weight='auto')")
         _say(config, f"warning: the training classes are imbalanced "
                      f"{imbalance:.1f}:1 (largest to smallest){advice}")
-    checkpoint = RunCheckpoint(output, _run_settings(config, folder))
+    checkpoint = RunCheckpoint(output, run_settings(config, folder))
     history_path = os.path.join(output, "history.csv")
     if config.overwrite or not workers.is_chief:
         state = None
