@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -222,12 +223,28 @@ def test_mirrored_strategy_trains_like_the_default_one_and_exports(scenes_dir, t
 
 
 def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    """Ports free now, below the kernel's ephemeral range.
+
+    They are closed again before the workers bind them; outside the ephemeral
+    range no other process's outgoing connection or `bind(0)` takes one in
+    between.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            ephemeral = int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    rng = random.Random()
+    ports = []
+    while len(ports) < count:
+        port = rng.randrange(10000, max(ephemeral, 10001))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("localhost", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
