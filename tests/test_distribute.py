@@ -101,16 +101,24 @@ def test_own_loop_trains_like_keras_fit():
     assert history.history["val_accuracy"][-1] > 0.8
 
 
-def _distiller(seed):
+def _raw_tf_loss(y, logits):
+    # Plain TensorFlow: it needs the labels as `Loss.__call__` passes them.
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(y, "int32"), logits)
+
+
+def _distiller(seed, student_loss=None):
     keras.utils.set_random_seed(seed)
-    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(
+        3, kernel_regularizer=keras.regularizers.L2(0.05))])
     distiller = Distiller(None, student, temperature=2.0, student_loss_weight=0.3)
-    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2), student_loss=student_loss)
     return distiller
 
 
-def test_own_loop_distils_like_keras_fit():
-    """`Distiller.example_losses` in our loop: `Distiller.fit`'s steps and logs."""
+@pytest.mark.parametrize("student_loss", [None, _raw_tf_loss])
+def test_own_loop_distils_like_keras_fit(student_loss):
+    """`Distiller.example_losses` in our loop: `Distiller.fit`'s steps and logs,
+    with class weights, a regularized student, a Keras loss or a function."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 6)).astype("float32")
     y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
@@ -121,7 +129,7 @@ def test_own_loop_distils_like_keras_fit():
             ({INPUTS: x, TEACHER_LOGITS: teacher_logits}, y)).batch(16)
 
     class_weight = {0: 1.0, 1: 0.5, 2: 2.0}
-    reference, ours = _distiller(2), _distiller(2)
+    reference, ours = _distiller(2, student_loss), _distiller(2, student_loss)
     before = [w.copy() for w in ours.get_weights()]
     fitted = reference.fit(batches(), validation_data=batches(), epochs=5,
                            class_weight=class_weight, verbose=0)
@@ -137,6 +145,15 @@ def test_own_loop_distils_like_keras_fit():
     for key, values in fitted.history.items():
         np.testing.assert_allclose(history.history[key], values, rtol=1e-4,
                                    atol=1e-5, err_msg=key)
+
+
+def test_own_loop_refuses_a_student_loss_it_would_average_differently():
+    distiller = _distiller(0, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"))
+    x = {INPUTS: np.zeros((4, 6), "float32"),
+         TEACHER_LOGITS: np.zeros((4, 3), "float32")}
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        distiller.example_losses(x, np.zeros(4, "int32"), distiller(x))
 
 
 # A fresh process: the two logical CPUs must be set before TensorFlow starts.

@@ -76,6 +76,7 @@ class Distiller(keras.Model):
 
     The loss is `w * student_loss(y, s) + (1 - w) * distillation_loss(t, s)`
     with `w = student_loss_weight`, `s` the student's logits, `t` the teacher's.
+    The student's regularization losses are added while training.
     Gradients reach only the student's trainable weights; the teacher is called
     with `training=False` outside the gradient tape, and not at all when the
     batch carries its logits: `x` may be a dict `{"inputs": images,
@@ -202,10 +203,27 @@ class Distiller(keras.Model):
         What `train_step` averages over a batch, for training loops of one's
         own (`tftransfer.distribute.distributed_fit` takes it as
         `example_losses`). `x` is a batch as `fit` would get it.
+
+        Raises:
+            ValueError: `student_loss` reduces otherwise than by the batch
+                mean (`"sum_over_batch_size"` or `"mean"`): a loop averaging
+                per-example losses would train another objective than `fit`.
         """
+        reduction = self.student_loss.reduction
+        if reduction not in ("sum_over_batch_size", "mean"):
+            raise ValueError(
+                "A training loop of our own (distributed_fit) averages each "
+                "example's loss over the batch, as a student_loss with reduction "
+                "'sum_over_batch_size' does; this one has "
+                f"reduction={reduction!r}. Compile the Distiller with a loss "
+                "whose reduction is 'sum_over_batch_size'."
+            )
         _, teacher_logits = self._split(x)
+        # As `Loss.__call__` does before `call`: labels and logits in its dtype.
+        dtype = self.student_loss.dtype
         student_loss = self.student_loss.call(
-            y, keras.ops.cast(student_logits, "float32"))
+            keras.ops.convert_to_tensor(y, dtype=dtype),
+            keras.ops.convert_to_tensor(student_logits, dtype=dtype))
         soft_loss = distillation_losses(keras.ops.stop_gradient(teacher_logits),
                                         student_logits, self.temperature)
         loss = (self.student_loss_weight * student_loss
@@ -222,12 +240,18 @@ class Distiller(keras.Model):
             student_logits = self.student(inputs, training=True)
             loss, student_loss, soft_loss = self._distillation_losses(
                 y, student_logits, teacher_logits, sample_weight)
+            objective = loss
+            if self.student.losses:
+                # Regularization (`kernel_regularizer`s, a hub module's), as
+                # Keras' own `compute_loss` adds it.
+                objective = loss + tf.add_n(
+                    [tf.cast(term, "float32") for term in self.student.losses])
             # The replicas' gradients are summed, so each replica's mean loss is
             # divided by their number, as Keras' own losses are.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             # Under mixed precision a LossScaleOptimizer scales the loss here and
             # unscales the gradients in `apply`; otherwise this is the identity.
-            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+            scaled_loss = self.optimizer.scale_loss(objective / replicas)
         variables = self.student.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)

@@ -316,8 +316,9 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
     teacher = load_teacher(config.teacher)
     _check_teacher(teacher, folder.class_names, config.image_size)
     # Every worker must distil the same teacher (wherever its file is) with the
-    # same settings on the same images: the chief checks.
-    settings = {**run_settings(config, folder), "teacher": teacher.fingerprint}
+    # same settings and dtype policy on the same images: the chief checks.
+    settings = {**run_settings(config, folder), "teacher": teacher.fingerprint,
+                "dtype_policy": keras.config.dtype_policy().name}
     workers.share_state(None, settings)
     spec = get_backbone_spec(config.student)
     image_size = config.image_size or teacher.image_size or spec.default_image_size

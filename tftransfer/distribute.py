@@ -41,12 +41,17 @@ LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError,
 
 
 def lost_worker(what: str, error: Exception) -> WorkerError:
-    """The error to raise when a collective op fails because a peer is gone."""
+    """The error to raise when a collective op fails because a peer is gone.
+
+    The error's first line is kept: some of `LOST_PEER_ERRORS` may come from
+    a failure of this worker's own.
+    """
+    detail = (str(error).strip().splitlines() or [""])[0][:300]
     return WorkerError(
-        f"Lost contact with the other workers {what} ({type(error).__name__} in "
-        "a collective op). One of them "
-        "stopped: see its output. Start every worker again with the same command "
-        "to resume from the last finished epoch."
+        f"Lost contact with the other workers {what} ({type(error).__name__}: "
+        f"{detail}). One of them stopped: see its output. Start every worker "
+        "again with the same command: `train` resumes from the last finished "
+        "epoch, `distill` starts over, reusing its cached logits and features."
     )
 
 
@@ -374,8 +379,8 @@ def distributed_fit(
         # The mean over the global batch, as Keras' "sum_over_batch_size".
         loss = term_sums[names.index("loss")] / tf.maximum(count, 1.0)
         if training and model.losses:
-            # Regularization (e.g. a hub module's): each replica adds its share,
-            # the gradients' all-reduce sums the shares.
+            # Regularization (e.g. a hub module's, or a Distiller's student's):
+            # each replica adds its share, the gradients' all-reduce sums them.
             loss += tf.add_n([tf.cast(x, "float32") for x in model.losses]) / (
                 strategy.num_replicas_in_sync)
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type="int32"), y),

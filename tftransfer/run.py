@@ -639,8 +639,11 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         state = None
     else:
         state = checkpoint.load()
-    # Across machines every worker resumes from the chief's checkpoint.
-    state = workers.share_state(state, checkpoint.settings)
+    # Across machines every worker resumes from the chief's checkpoint. They
+    # must agree on the dtype policy too, which `auto` may set apart: float16
+    # steps take an extra collective op (see `distributed_fit`).
+    state = workers.share_state(state, {**checkpoint.settings,
+                                        "dtype_policy": keras.config.dtype_policy().name})
     with workers.strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size,
                                  config.alpha)
