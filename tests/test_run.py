@@ -16,6 +16,7 @@ from conftest import last_json
 from odd_files import write_odd_files
 
 from tftransfer import ServedModel, TrainConfig, load_backbone, train_run
+from tftransfer.checkpoint import RunCheckpoint
 from tftransfer.cli import main
 from tftransfer.export import recover_interrupted
 
@@ -56,6 +57,20 @@ def _kill_when(process, condition, timeout=300):
     process.wait()
 
 
+def _kill_in_fine_tuning(args, run):
+    """Starts `tftransfer ARGS` (3 + 4 epochs), kills it once it is fine-tuning;
+    returns the epochs in its history."""
+    process = _start(*args)
+    history = os.path.join(run, "history.csv")
+    _kill_when(process, lambda: os.path.exists(history)
+               and "fine_tune" in open(history).read())
+    assert not os.path.exists(os.path.join(run, "metrics.json"))
+    done = _epochs(run)
+    assert 4 <= done[-1] < 7
+    assert os.path.exists(os.path.join(run, "checkpoint.npz"))
+    return done
+
+
 def test_odd_files_are_reported_each_and_training_completes(scenes_dir, tmp_path,
                                                             capsys):
     data = tmp_path / "data"
@@ -92,14 +107,7 @@ def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path):
     run = str(tmp_path / "run")
     args = ["train", scenes_dir, "--output", run, *TINY, "--epochs", "3",
             "--fine-tune-epochs", "4", "--cache-dir", str(tmp_path / "cache")]
-    process = _start(*args)
-    history = os.path.join(run, "history.csv")
-    _kill_when(process, lambda: os.path.exists(history)
-               and "fine_tune" in open(history).read())
-    assert not os.path.exists(os.path.join(run, "metrics.json"))
-    done = _epochs(run)
-    assert 4 <= done[-1] < 7
-    assert os.path.exists(os.path.join(run, "checkpoint.npz"))
+    done = _kill_in_fine_tuning(args, run)
     _assert_default_modes(run)  # the checkpoint, history, report
 
     changed = _start(*args[:-2], "--cache-dir", str(tmp_path / "cache"), "--seed", "1")
@@ -206,11 +214,46 @@ def test_distill_refuses_an_unfinished_train_run(trained_run, scenes_dir, tmp_pa
                                                 capsys):
     run = tmp_path / "unfinished"
     run.mkdir()
-    (run / "checkpoint.npz").write_bytes(b"a train run's checkpoint")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    RunCheckpoint(str(run), {"backbone": "vgg16"}).save(model, model, 2, "head")
+    before = (run / "checkpoint.npz").read_bytes()
     assert main(["distill", scenes_dir, "--teacher", trained_run, "--output",
                  str(run), "--student", "vgg16", "--weights", "none"]) == 2
-    assert "unfinished" in capsys.readouterr().err
-    assert (run / "checkpoint.npz").read_bytes() == b"a train run's checkpoint"
+    error = capsys.readouterr().err
+    assert "unfinished run with other settings" in error and "teacher" in error
+    assert (run / "checkpoint.npz").read_bytes() == before
+    (run / "checkpoint.npz").write_bytes(b"not a checkpoint")
+    assert main(["distill", scenes_dir, "--teacher", trained_run, "--output",
+                 str(run), "--student", "vgg16", "--weights", "none"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_killed_distillation_resumes_and_records_each_epoch_once(
+        trained_run, scenes_dir, tmp_path):
+    run = str(tmp_path / "student")
+    args = ["distill", scenes_dir, "--teacher", trained_run, "--output", run,
+            "--student", "vgg16", "--weights", "none", "--learning-rate", "0.01",
+            "--epochs", "3", "--fine-tune-epochs", "4",
+            "--cache-dir", str(tmp_path / "cache")]
+    done = _kill_in_fine_tuning(args, run)
+
+    changed = _start(*args, "--temperature", "2")
+    out, _ = changed.communicate(timeout=300)
+    assert changed.returncode == 2 and "other settings" in out
+    assert "temperature: 3.0 then, 2.0 now" in out
+
+    resumed = _start(*args, "--json")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    summary = last_json(out)
+    assert summary["resumed_from_epoch"] in (done[-1], done[-1] - 1)
+    assert f"Resuming from epoch {summary['resumed_from_epoch']}" in out
+    assert _epochs(run) == list(range(1, 8))
+    assert len(summary["history"]["val_accuracy"]) == 7
+    # The head's epochs were done: its features were not computed again.
+    assert summary["features"] is None
+    assert not os.path.exists(os.path.join(run, "checkpoint.npz"))
+    assert ServedModel(summary["saved_model"]).class_names == summary["class_names"]
 
 
 @pytest.mark.parametrize("precision", ["off", "float16", "bfloat16"])

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jit(distill)
     _add_strategy(distill)
     distill.add_argument("--overwrite", action="store_true",
-                         help="replace a finished run in RUN_DIR")
+                         help="replace a finished run in RUN_DIR, or start an "
+                         "unfinished one over instead of resuming it")
     _add_json(distill)
 
     evaluate = commands.add_parser(

@@ -5,7 +5,8 @@ Same run-folder layout as `train_run` (`saved_model/`, `model.keras`,
 teacher's logits for each image are computed once and cached; with the student's
 backbone frozen (the default), its features are cached too (the same entries as
 `train` uses), and the `Distiller` trains the student's head on
-`(features, teacher logits, label)`.
+`(features, teacher logits, label)`. Like a `train` run, a killed distillation
+resumes from its last finished epoch (`RUN_DIR/checkpoint.npz`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ from tftransfer.cache import (
     open_cache,
     weights_fingerprint,
 )
+from tftransfer.checkpoint import (
+    RunCheckpoint,
+    restore_optimizer,
+    restore_weights,
+    truncate_history,
+)
 from tftransfer.data import RESIZE_METHOD, decode_image
 from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
 from tftransfer.distribute import (
@@ -37,7 +44,8 @@ from tftransfer.distribute import (
     lost_worker,
     make_strategy,
 )
-from tftransfer.errors import DataError, RunFolderError, TransferError, check_choice
+from tftransfer.errors import DataError, TransferError, check_choice
+from tftransfer.export import recover_interrupted
 from tftransfer.heads import build_classifier
 from tftransfer.run import (
     PRECISIONS,
@@ -181,7 +189,8 @@ class DistillConfig:
             each worker computes the teacher's logits and the student's
             features for its share of the images, and the chief writes the
             run folder. Defaults to `"auto"`.
-        overwrite: Replace a finished run. Defaults to `False`.
+        overwrite: Replace a finished run, or start an unfinished one over.
+            Defaults to `False`.
         verbose: Defaults to `"auto"`.
     """
 
@@ -294,7 +303,9 @@ def distill_run(config: DistillConfig) -> dict:
     Raises:
         DataError: unusable data, or a teacher with other classes.
         ValueError: a student image size the teacher does not take.
-        RunFolderError: `config.output` holds a finished run.
+        RunFolderError: `config.output` holds a finished run, or an
+            unfinished one with other settings (a `train` run's among them),
+            and `config.overwrite` is False.
     """
     workers = Workers.of(make_strategy(config.strategy))
     with dtype_policy_scope(config.mixed_precision):
@@ -317,30 +328,40 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
     _check_teacher(teacher, folder.class_names, config.image_size)
     # Every worker must distil the same teacher (wherever its file is) with the
     # same settings and dtype policy on the same images: the chief checks.
-    settings = {**run_settings(config, folder), "teacher": teacher.fingerprint,
-                "dtype_policy": keras.config.dtype_policy().name}
-    workers.share_state(None, settings)
+    settings = {**run_settings(config, folder), "teacher": teacher.fingerprint}
+    checkpoint = RunCheckpoint(output, settings)
+    # Only the chief's checkpoint counts; it refuses one with other settings
+    # (a `train` run's among them) unless `overwrite`.
+    state = None if config.overwrite or not workers.is_chief else checkpoint.load()
+    state = workers.share_state(state, {
+        **checkpoint.settings, "dtype_policy": keras.config.dtype_policy().name})
+    start_epoch = state["epoch"] if state else 0
     spec = get_backbone_spec(config.student)
     image_size = config.image_size or teacher.image_size or spec.default_image_size
     with workers.strategy.scope():
         backbone = load_backbone(config.student, config.weights, image_size,
                                  config.alpha)
         model = build_classifier(backbone, len(folder.class_names), config.dropout)
-    checkpoint = os.path.join(output, "checkpoint.npz")
-    if os.path.exists(checkpoint):
-        if not config.overwrite:
-            raise RunFolderError(
-                f"{output} holds an unfinished `train` run (checkpoint.npz). "
-                "Nothing was changed. Resume it with its train command, choose "
-                "another --output, or pass --overwrite to replace it."
-            )
-        os.remove(checkpoint)
+        if state is not None:
+            # Head-phase checkpoints hold the head only: the backbone is unchanged.
+            restore_weights(model.get_layer("head") if state["weights_of"] == "head"
+                            else model, state)
     os.makedirs(output, exist_ok=True)
-    for stale in ("metrics.json", "history.csv"):
+    history_path = os.path.join(output, "history.csv")
+    for stale in ("metrics.json", "model.keras.partial.keras"):
         if os.path.exists(os.path.join(output, stale)):
             os.remove(os.path.join(output, stale))
+    recover_interrupted(os.path.join(output, "saved_model"))
+    checkpoint.remove_temporaries()
+    if state is None:
+        checkpoint.clear()
+        if os.path.exists(history_path):
+            os.remove(history_path)
+    else:
+        truncate_history(history_path, start_epoch)
+        where = checkpoint.path if workers.is_chief else "the chief's checkpoint"
+        _say(config, f"Resuming from epoch {start_epoch} ({where})")
     write_json_atomically(os.path.join(output, "data_report.json"), report)
-    history_path = os.path.join(output, "history.csv")
 
     cache_dir = (config.cache_dir or default_cache_dir()) if config.cache else None
     verbose = config.verbose != 0
@@ -393,13 +414,22 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         # Across machines the training steps are our own, never compiled by XLA.
         return not workers.own_loop and jit_for(config.jit, network)
 
-    def fit(distiller, inputs, epochs, phase, decode=None):
-        """`fit`, or our own loop across machines (see `distributed_fit`)."""
+    def fit(distiller, weights_model, inputs, epochs, phase, decode=None):
+        """`fit` from the resume point, or our own loop across machines."""
+        if state and state["phase"] == phase:
+            # The same phase left an optimizer state that fits (see `train_run`).
+            with workers.strategy.scope():  # Its variables are the strategy's.
+                restored = restore_optimizer(distiller, state)
+            if not restored:
+                _say(config, "warning: the optimizer state in the checkpoint does "
+                             "not fit; it starts afresh")
         train, validation = (
             _dataset(inputs[s], logits[s], labels[s], config.batch_size,
                      s == "train", config.seed, decode) for s in splits)
-        initial_epoch = config.epochs if phase == "fine_tune" else 0
+        initial_epoch = max(start_epoch, config.epochs if phase == "fine_tune" else 0)
         callbacks = [HistoryCSV(history_path, phase)]
+        if workers.is_chief:  # Only the chief's checkpoint is resumed from.
+            callbacks.append(checkpoint.callback(weights_model, distiller, phase))
         if not workers.own_loop:
             distiller.fit(train, validation_data=validation, epochs=epochs,
                           initial_epoch=initial_epoch, callbacks=callbacks,
@@ -412,7 +442,7 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
             epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
             verbose=config.verbose, example_losses=distiller.example_losses,
         )
-    if config.epochs > 0:
+    if start_epoch < config.epochs:
         _say(config, "Computing the student's backbone features ...")
         features = {s: outputs(backbone, image_size, student_cache, s, "forward")
                     for s in splits}
@@ -420,15 +450,17 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
                      f"{counts['forward']['computed']} computed")
         # Every batch carries the teacher's logits: the Distiller needs no teacher.
         with workers.strategy.scope():
-            distiller = Distiller(None, model.get_layer("head"), **distill_settings)
+            distiller = Distiller(None, model.get_layer("head"), **distill_settings,
+                                  name="head_distiller")
             distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                               jit_compile=jit(model.get_layer("head")))
             xla["head"] = distiller.jit_compile  # What Keras will use.
-        fit(distiller, features, config.epochs, "head")
+        fit(distiller, model.get_layer("head"), features, config.epochs, "head")
     if config.fine_tune_epochs > 0:
         unfreeze_top(backbone, default_fine_tune_layers(backbone))
         with workers.strategy.scope():
-            distiller = Distiller(None, model, **distill_settings)
+            distiller = Distiller(None, model, **distill_settings,
+                                  name="fine_tune_distiller")
             distiller.compile(
                 optimizer=keras.optimizers.Adam(config.learning_rate / 10),
                 jit_compile=jit(model))
@@ -438,14 +470,14 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
             return decode_image(contents, image_size)
 
         paths = {s: [f.path for f in files[s]] for s in splits}
-        fit(distiller, paths, config.epochs + config.fine_tune_epochs, "fine_tune",
-            decode)
+        fit(distiller, model, paths, config.epochs + config.fine_tune_epochs,
+            "fine_tune", decode)
         backbone.trainable = False
     history = read_history(history_path)
     cache_counts = {"teacher_logits": counts["teacher"],
                     "features": counts["forward"] or None}
     if not workers.is_chief:
-        return {**end_worker(config, workers, output, history, start, None, model),
+        return {**end_worker(config, workers, output, history, start, state, model),
                 "teacher_val_accuracy": teacher_accuracy, **cache_counts}
 
     if workers.strategy is not tf.distribute.get_strategy():
@@ -482,9 +514,11 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         "is_chief": True,
         # Across machines, the other workers' summaries say the same.
         "weights_sha256": weights_fingerprint(model) if workers.count > 1 else None,
+        "resumed_from_epoch": state["epoch"] if state else None,
         "feature_cache": cache_dir,
         **cache_counts,
         "history": history,
     }
     write_json_atomically(os.path.join(output, "metrics.json"), summary)
+    checkpoint.clear()
     return summary

@@ -50,8 +50,7 @@ def lost_worker(what: str, error: Exception) -> WorkerError:
     return WorkerError(
         f"Lost contact with the other workers {what} ({type(error).__name__}: "
         f"{detail}). One of them stopped: see its output. Start every worker "
-        "again with the same command: `train` resumes from the last finished "
-        "epoch, `distill` starts over, reusing its cached logits and features."
+        "again with the same command to resume from the last finished epoch."
     )
 
 
