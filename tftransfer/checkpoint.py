@@ -128,7 +128,14 @@ class RunCheckpoint:
 
 
 def restore_weights(model: keras.Model, state: dict) -> None:
-    """Sets `model`'s weights from a state returned by `RunCheckpoint.load`."""
+    """Sets `model`'s weights from a state returned by `RunCheckpoint.load`.
+
+    A checkpoint of one of `model`'s layers (`save`'s `model` was, say, the
+    head while the backbone was frozen) restores that layer.
+    """
+    if state["weights_of"] != model.name and any(
+            layer.name == state["weights_of"] for layer in model.layers):
+        model = model.get_layer(state["weights_of"])
     if len(model.weights) != len(state["model"]):
         raise RunFolderError(
             "The checkpoint does not fit the model it should resume "

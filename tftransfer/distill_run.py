@@ -28,41 +28,31 @@ from tftransfer.cache import (
     open_cache,
     weights_fingerprint,
 )
-from tftransfer.checkpoint import (
-    RunCheckpoint,
-    restore_optimizer,
-    restore_weights,
-    truncate_history,
-)
+from tftransfer.checkpoint import RunCheckpoint, restore_weights
 from tftransfer.data import RESIZE_METHOD, decode_image
 from tftransfer.distill import INPUTS, TEACHER_LOGITS, Distiller
-from tftransfer.distribute import (
-    LOST_PEER_ERRORS,
-    STRATEGIES,
-    Workers,
-    distributed_fit,
-    lost_worker,
-    make_strategy,
-)
+from tftransfer.distribute import STRATEGIES, Workers, make_strategy
 from tftransfer.errors import DataError, TransferError, check_choice
-from tftransfer.export import recover_interrupted
 from tftransfer.heads import build_classifier
 from tftransfer.run import (
     PRECISIONS,
-    WORKER_FOLDER_PREFIX,
+    Resumable,
     begin_run,
     dtype_policy_scope,
     end_worker,
     plain_copy,
+    prepare_run_folder,
     read_history,
+    resume_state,
     run_settings,
     safe_name,
+    say,
+    worker_run_dir,
     write_json_atomically,
     write_model_files,
 )
 from tftransfer.train import (
     JIT_SETTINGS,
-    HistoryCSV,
     default_fine_tune_layers,
     jit_for,
     unfreeze_top,
@@ -270,11 +260,6 @@ def _check_teacher(teacher: Teacher, class_names: list, image_size) -> None:
         )
 
 
-def _say(config, message):
-    if config.verbose != 0:
-        print(message, flush=True)
-
-
 def _dataset(inputs, teacher_logits, labels, batch_size, shuffle, seed, decode=None):
     dataset = tf.data.Dataset.from_tensor_slices(
         ({INPUTS: inputs, TEACHER_LOGITS: teacher_logits}, labels)
@@ -308,34 +293,20 @@ def distill_run(config: DistillConfig) -> dict:
             and `config.overwrite` is False.
     """
     workers = Workers.of(make_strategy(config.strategy))
-    with dtype_policy_scope(config.mixed_precision):
-        try:
-            return _distill_run(config, workers)
-        except LOST_PEER_ERRORS as error:
-            if not workers.own_loop:
-                raise
-            raise lost_worker("during the run", error) from error
+    with dtype_policy_scope(config.mixed_precision), workers.reporting_lost_peers():
+        return _distill_run(config, workers)
 
 
 def _distill_run(config: DistillConfig, workers: Workers) -> dict:
     start = time.perf_counter()
-    run_dir = os.path.abspath(config.output)
-    # Across machines the other workers keep their files apart until the end.
-    output = run_dir if workers.is_chief else os.path.join(
-        run_dir, f"{WORKER_FOLDER_PREFIX}{workers.index}")
-    output, folder, report = begin_run(config, output)
+    output, folder, report = begin_run(config, worker_run_dir(config, workers))
     teacher = load_teacher(config.teacher)
     _check_teacher(teacher, folder.class_names, config.image_size)
-    # Every worker must distil the same teacher (wherever its file is) with the
-    # same settings and dtype policy on the same images: the chief checks.
+    # The same teacher wherever its file is, for resuming and for every worker.
     settings = {**run_settings(config, folder), "teacher": teacher.fingerprint}
     checkpoint = RunCheckpoint(output, settings)
-    # Only the chief's checkpoint counts; it refuses one with other settings
-    # (a `train` run's among them) unless `overwrite`.
-    state = None if config.overwrite or not workers.is_chief else checkpoint.load()
-    state = workers.share_state(state, {
-        **checkpoint.settings, "dtype_policy": keras.config.dtype_policy().name})
-    start_epoch = state["epoch"] if state else 0
+    # A checkpoint with other settings (a `train` run's among them) is refused.
+    state = resume_state(config, workers, checkpoint)
     spec = get_backbone_spec(config.student)
     image_size = config.image_size or teacher.image_size or spec.default_image_size
     with workers.strategy.scope():
@@ -344,24 +315,9 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         model = build_classifier(backbone, len(folder.class_names), config.dropout)
         if state is not None:
             # Head-phase checkpoints hold the head only: the backbone is unchanged.
-            restore_weights(model.get_layer("head") if state["weights_of"] == "head"
-                            else model, state)
-    os.makedirs(output, exist_ok=True)
-    history_path = os.path.join(output, "history.csv")
-    for stale in ("metrics.json", "model.keras.partial.keras"):
-        if os.path.exists(os.path.join(output, stale)):
-            os.remove(os.path.join(output, stale))
-    recover_interrupted(os.path.join(output, "saved_model"))
-    checkpoint.remove_temporaries()
-    if state is None:
-        checkpoint.clear()
-        if os.path.exists(history_path):
-            os.remove(history_path)
-    else:
-        truncate_history(history_path, start_epoch)
-        where = checkpoint.path if workers.is_chief else "the chief's checkpoint"
-        _say(config, f"Resuming from epoch {start_epoch} ({where})")
-    write_json_atomically(os.path.join(output, "data_report.json"), report)
+            restore_weights(model, state)
+    history_path = prepare_run_folder(config, workers, output, checkpoint, state,
+                                      report)
 
     cache_dir = (config.cache_dir or default_cache_dir()) if config.cache else None
     verbose = config.verbose != 0
@@ -378,7 +334,8 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
     share = workers.shard(folder)  # All of it on one machine.
     files = {split: share.used(split) for split in splits}
     labels = {split: share.paths_and_labels(split)[1] for split in splits}
-    totals = {split: len(folder.used(split)) for split in splits}
+    run = Resumable(config, workers, checkpoint, state, history_path,
+                    totals={split: len(folder.used(split)) for split in splits})
     # This worker's cache hits and computed entries, per network, for the summary.
     counts = {"teacher": {}, "forward": {}}
     xla = {}  # Which stage ran with XLA, for the summary.
@@ -396,7 +353,7 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
             counts[stage][name] = counts[stage].get(name, 0) + value
         return result
 
-    _say(config, "Computing the teacher's logits ...")
+    say(config, "Computing the teacher's logits ...")
     network = teacher.model if teacher.model is not None else teacher.forward
     logits = {s: outputs(network, teacher.image_size, teacher_cache, s, "teacher")
               for s in splits}
@@ -404,9 +361,9 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         np.sum(logits["validation"].argmax(-1) == labels["validation"]),
         len(labels["validation"])])
     teacher_accuracy = float(correct / max(seen, 1.0))
-    _say(config, f"Teacher: val_accuracy {teacher_accuracy:.4f}; logits "
-                 f"{counts['teacher']['hits']} from cache, "
-                 f"{counts['teacher']['computed']} computed")
+    say(config, f"Teacher: val_accuracy {teacher_accuracy:.4f}; logits "
+                f"{counts['teacher']['hits']} from cache, "
+                f"{counts['teacher']['computed']} computed")
     distill_settings = dict(temperature=config.temperature,
                             student_loss_weight=config.student_loss_weight)
 
@@ -415,39 +372,18 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         return not workers.own_loop and jit_for(config.jit, network)
 
     def fit(distiller, weights_model, inputs, epochs, phase, decode=None):
-        """`fit` from the resume point, or our own loop across machines."""
-        if state and state["phase"] == phase:
-            # The same phase left an optimizer state that fits (see `train_run`).
-            with workers.strategy.scope():  # Its variables are the strategy's.
-                restored = restore_optimizer(distiller, state)
-            if not restored:
-                _say(config, "warning: the optimizer state in the checkpoint does "
-                             "not fit; it starts afresh")
         train, validation = (
             _dataset(inputs[s], logits[s], labels[s], config.batch_size,
                      s == "train", config.seed, decode) for s in splits)
-        initial_epoch = max(start_epoch, config.epochs if phase == "fine_tune" else 0)
-        callbacks = [HistoryCSV(history_path, phase)]
-        if workers.is_chief:  # Only the chief's checkpoint is resumed from.
-            callbacks.append(checkpoint.callback(weights_model, distiller, phase))
-        if not workers.own_loop:
-            distiller.fit(train, validation_data=validation, epochs=epochs,
-                          initial_epoch=initial_epoch, callbacks=callbacks,
-                          verbose=config.verbose)
-            return
-        distributed_fit(
-            workers, distiller,
-            workers.lockstep(train, totals["train"], config.batch_size),
-            workers.lockstep(validation, totals["validation"], config.batch_size),
-            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-            verbose=config.verbose, example_losses=distiller.example_losses,
-        )
-    if start_epoch < config.epochs:
-        _say(config, "Computing the student's backbone features ...")
+        run.fit(distiller, train, validation, epochs, phase, weights_model,
+                example_losses=distiller.example_losses)
+
+    if run.start < config.epochs:
+        say(config, "Computing the student's backbone features ...")
         features = {s: outputs(backbone, image_size, student_cache, s, "forward")
                     for s in splits}
-        _say(config, f"Student features: {counts['forward']['hits']} from cache, "
-                     f"{counts['forward']['computed']} computed")
+        say(config, f"Student features: {counts['forward']['hits']} from cache, "
+                    f"{counts['forward']['computed']} computed")
         # Every batch carries the teacher's logits: the Distiller needs no teacher.
         with workers.strategy.scope():
             distiller = Distiller(None, model.get_layer("head"), **distill_settings,
@@ -492,8 +428,8 @@ def _distill_run(config: DistillConfig, workers: Workers) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "num_classes": len(folder.class_names),
         "class_names": folder.class_names,
-        "num_train": totals["train"],
-        "num_validation": totals["validation"],
+        "num_train": run.totals["train"],
+        "num_validation": run.totals["validation"],
         "num_skipped": len(folder.skipped()),
         "run_dir": output,
         "saved_model": saved_model,

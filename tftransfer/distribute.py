@@ -20,6 +20,7 @@ written atomically). Every worker runs the same number of steps per epoch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -211,6 +212,17 @@ class Workers:
                 "sum", strategy.run(lambda: tf.identity(dissent)), axis=None)
 
         return float(count(dissent).numpy()) == 0.0
+
+    @contextlib.contextmanager
+    def reporting_lost_peers(self, what: str = "during the run"):
+        """Across machines, turns a failed collective op into a `WorkerError`
+        (see `lost_worker`); on one machine errors pass unchanged."""
+        try:
+            yield
+        except LOST_PEER_ERRORS as error:
+            if not self.own_loop:
+                raise
+            raise lost_worker(what, error) from error
 
     def total(self, values) -> np.ndarray:
         """The sum of every worker's `values` (numbers, an array), on every worker."""

@@ -59,11 +59,9 @@ from tftransfer.data import (
     scan_image_folder,
 )
 from tftransfer.distribute import (
-    LOST_PEER_ERRORS,
     STRATEGIES,
     Workers,
     distributed_fit,
-    lost_worker,
     make_strategy,
 )
 from tftransfer.errors import RunFolderError, check_choice
@@ -213,7 +211,7 @@ def augmentation_layers(seed: int = 0) -> keras.Sequential:
     )
 
 
-def _say(config, message):
+def say(config, message):
     if config.verbose != 0:
         print(message, flush=True)
 
@@ -298,6 +296,119 @@ def read_history(path: str) -> dict:
     return history
 
 
+@dataclasses.dataclass
+class Resumable:
+    """What the training phases of a `train` or `distill` run share.
+
+    Built by the run after `resume_state` and `prepare_run_folder`; `fit`
+    trains one phase from the resume point.
+    """
+
+    config: object  # A `TrainConfig` or a `DistillConfig`.
+    workers: Workers
+    checkpoint: RunCheckpoint
+    state: Optional[dict]  # From `resume_state`.
+    history_path: str
+    totals: dict  # Examples per split over all workers, for `Workers.lockstep`.
+
+    @property
+    def start(self) -> int:
+        """The last finished epoch: 0 for a new run."""
+        return self.state["epoch"] if self.state else 0
+
+    def fit(self, training_model, train, validation, epochs, phase, weights_model,
+            class_weight=None, example_losses=None):
+        """Trains `training_model` (compiled) from the resume point to `epochs`.
+
+        Restores the optimizer state the same phase left in the checkpoint, then
+        runs Keras' `fit`, or our own loop across machines (`distributed_fit`,
+        with `example_losses`). Each epoch appends its `history.csv` row, and
+        the chief checkpoints `weights_model` (what the phase trains).
+        """
+        config, workers, state = self.config, self.workers, self.state
+        # Only the same phase trained on the same model (activations or images)
+        # left an optimizer state that fits.
+        if (state and state["phase"] == phase
+                and state.get("training_model") == training_model.name):
+            with workers.strategy.scope():  # Its variables are the strategy's.
+                restored = restore_optimizer(training_model, state)
+            if not restored:
+                say(config, "warning: the optimizer state in the checkpoint does "
+                            "not fit; it starts afresh")
+        initial_epoch = max(self.start, config.epochs if phase == "fine_tune" else 0)
+        callbacks = [HistoryCSV(self.history_path, phase)]
+        if workers.is_chief:  # Only the chief's checkpoint is resumed from.
+            callbacks.append(self.checkpoint.callback(weights_model, training_model,
+                                                      phase))
+        if not workers.own_loop:
+            return training_model.fit(
+                train, validation_data=validation, epochs=epochs,
+                initial_epoch=initial_epoch, callbacks=callbacks,
+                class_weight=class_weight, verbose=config.verbose,
+            )
+        return distributed_fit(
+            workers, training_model,
+            workers.lockstep(train, self.totals["train"], config.batch_size),
+            workers.lockstep(validation, self.totals["validation"], config.batch_size),
+            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+            class_weight=class_weight, verbose=config.verbose,
+            example_losses=example_losses,
+        )
+
+
+def worker_run_dir(config, workers: Workers) -> str:
+    """This worker's run folder: the chief's is `config.output`.
+
+    Across machines the other workers keep their history and data report in
+    `RUN_DIR/.worker-N` until the run ends.
+    """
+    run_dir = os.path.abspath(config.output)
+    if workers.is_chief:
+        return run_dir
+    return os.path.join(run_dir, f"{WORKER_FOLDER_PREFIX}{workers.index}")
+
+
+def resume_state(config, workers: Workers, checkpoint: RunCheckpoint
+                 ) -> Optional[dict]:
+    """The state to resume from (`RunCheckpoint.load`'s), or `None` to start.
+
+    Only the chief's checkpoint counts: across machines every worker resumes
+    from it, and the chief refuses a worker with other settings. They must
+    agree on the dtype policy too, which `auto` may set apart: float16 steps
+    take an extra collective op (see `distributed_fit`).
+    """
+    state = None if config.overwrite or not workers.is_chief else checkpoint.load()
+    return workers.share_state(state, {
+        **checkpoint.settings, "dtype_policy": keras.config.dtype_policy().name})
+
+
+def prepare_run_folder(config, workers: Workers, output: str,
+                       checkpoint: RunCheckpoint, state: Optional[dict],
+                       report: dict) -> str:
+    """Readies `output` to train into; returns the path of its `history.csv`.
+
+    Marks the run unfinished (no `metrics.json`), puts back an export a kill
+    interrupted, removes partial files, and either starts afresh (no
+    checkpoint, no history) or cuts the history back to `state`'s epoch. Then
+    writes the data report.
+    """
+    history_path = os.path.join(output, "history.csv")
+    os.makedirs(output, exist_ok=True)
+    _remove(os.path.join(output, "metrics.json"))  # The folder is unfinished now.
+    recover_interrupted(os.path.join(output, "saved_model"))
+    checkpoint.remove_temporaries()
+    _remove(os.path.join(output, "model.keras.partial.keras"))
+    if state is None:
+        checkpoint.clear()
+        _remove(history_path)
+    else:
+        truncate_history(history_path, state["epoch"])
+        where = checkpoint.path if workers.is_chief else "the chief's checkpoint"
+        say(config, f"Resuming from epoch {state['epoch']} ({where})")
+    write_json_atomically(os.path.join(output, "data_report.json"), report)
+    return history_path
+
+
 class _Phases:
     """Runs the head phase and the fine-tuning phase of `train_run`, resumably.
 
@@ -306,20 +417,16 @@ class _Phases:
     one machine), `all_files` the whole `ImageFolder`.
     """
 
-    def __init__(self, config, model, folder, data, output, checkpoint, state,
-                 workers, all_files):
+    def __init__(self, config, model, folder, data, run: Resumable, all_files):
         self.config = config
-        self.workers = workers
-        self.all_files = all_files
+        self.workers = run.workers
+        self.run = run
         self.model = model
         self.backbone = model.get_layer("backbone")
         self.head = model.get_layer("head")
         self.folder = folder
         self.data = data
-        self.checkpoint = checkpoint
-        self.state = state
-        self.start = state["epoch"] if state else 0
-        self.history_path = os.path.join(output, "history.csv")
+        self.start = run.start
         self.cache_dir = None
         if config.cache and not config.augment:
             self.cache_dir = config.cache_dir or default_cache_dir()
@@ -331,45 +438,13 @@ class _Phases:
             self.class_weight = balanced_class_weights(labels, len(folder.class_names))
 
     def _say(self, message):
-        _say(self.config, message)
-
-    def _callbacks(self, training_model, phase, weights_model=None):
-        callbacks = [HistoryCSV(self.history_path, phase)]
-        if self.workers.is_chief:  # Only the chief's checkpoint is resumed from.
-            callbacks.append(self.checkpoint.callback(
-                weights_model or self.model, training_model, phase))
-        return callbacks
+        say(self.config, message)
 
     def _fit(self, training_model, train, validation, epochs, phase,
              weights_model=None):
-        """`fit` from the resume point to `epochs`, or our own loop across machines."""
-        config = self.config
-        initial_epoch = max(self.start, config.epochs if phase == "fine_tune" else 0)
-        callbacks = self._callbacks(training_model, phase, weights_model)
-        if not self.workers.own_loop:
-            return training_model.fit(
-                train, validation_data=validation, epochs=epochs,
-                initial_epoch=initial_epoch, callbacks=callbacks,
-                class_weight=self.class_weight, verbose=config.verbose,
-            )
-        totals = {split: len(self.all_files.used(split))
-                  for split in ("train", "validation")}
-        return distributed_fit(
-            self.workers, training_model,
-            self.workers.lockstep(train, totals["train"], config.batch_size),
-            self.workers.lockstep(validation, totals["validation"], config.batch_size),
-            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-            class_weight=self.class_weight, verbose=config.verbose,
-        )
-
-    def _restore_optimizer(self, training_model, phase):
-        # Only the same phase trained on the same model (activations or images)
-        # left an optimizer state that fits.
-        if (self.state and self.state["phase"] == phase
-                and self.state.get("training_model") == training_model.name):
-            if not restore_optimizer(training_model, self.state):
-                self._say("warning: the optimizer state in the checkpoint does not "
-                          "fit; it starts afresh")
+        """`Resumable.fit`, checkpointing the whole model unless told otherwise."""
+        return self.run.fit(training_model, train, validation, epochs, phase,
+                            weights_model or self.model, self.class_weight)
 
     def _jit(self, stage, model):
         """`jit_for` the run's `--jit` setting; remembered for the summary."""
@@ -411,7 +486,6 @@ class _Phases:
             # Random views change every epoch: the backbone runs on each of them.
             compile_classifier(self.model, config.learning_rate,
                                self._jit("head", self.model))
-            self._restore_optimizer(self.model, "head")
             self._fit(self.model, self.data.train, self.data.validation,
                       config.epochs, "head")
             return
@@ -433,7 +507,6 @@ class _Phases:
         self._say_cache("Features", cache)
         compile_classifier(self.head, config.learning_rate,
                            self._jit("head", self.head))
-        self._restore_optimizer(self.head, "head")
         self._fit(
             self.head,
             feature_dataset(*features["train"], config.batch_size, shuffle=True,
@@ -510,7 +583,6 @@ class _Phases:
             training_model = keras.Model(inputs, logits, name="classifier_top")
         compile_classifier(training_model, config.fine_tune_learning_rate,
                            self._jit("fine_tune", training_model))
-        self._restore_optimizer(training_model, "fine_tune")
         self._fit(training_model, train, validation, end, "fine_tune")
         self.backbone.trainable = False
         return cache is not None
@@ -526,11 +598,11 @@ def begin_run(config, output: Optional[str] = None) -> tuple:
     output = os.path.abspath(output or config.output)
     check_run_folder(output, config.overwrite)
     keras.utils.set_random_seed(config.seed)
-    _say(config, f"Checking images in {config.data_dir} ...")
+    say(config, f"Checking images in {config.data_dir} ...")
     folder = scan_image_folder(config.data_dir, config.validation_split, config.seed,
                                progress=config.verbose != 0)
     report = data_report(folder)
-    _say(config, summarize_data(report))
+    say(config, summarize_data(report))
     return output, folder, report
 
 
@@ -586,13 +658,8 @@ def train_run(config: TrainConfig) -> dict:
     afterwards.
     """
     workers = Workers.of(make_strategy(config.strategy))
-    with dtype_policy_scope(config.mixed_precision):
-        try:
-            return _train_run(config, workers)
-        except LOST_PEER_ERRORS as error:
-            if not workers.own_loop:
-                raise
-            raise lost_worker("during the run", error) from error
+    with dtype_policy_scope(config.mixed_precision), workers.reporting_lost_peers():
+        return _train_run(config, workers)
 
 
 def _train_run(config: TrainConfig, workers: Workers) -> dict:
@@ -623,27 +690,15 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
             one with other settings, and `overwrite` is False.
     """
     start = time.perf_counter()
-    run_dir = os.path.abspath(config.output)
-    output = run_dir if workers.is_chief else os.path.join(
-        run_dir, f"{WORKER_FOLDER_PREFIX}{workers.index}")
-    output, folder, report = begin_run(config, output)
+    output, folder, report = begin_run(config, worker_run_dir(config, workers))
     imbalance = class_imbalance(report)
     if imbalance > IMBALANCE_WARNING:
         advice = ("" if config.class_weight == "auto"
                   else "; consider --class-weight auto (class_weight='auto')")
-        _say(config, f"warning: the training classes are imbalanced "
-                     f"{imbalance:.1f}:1 (largest to smallest){advice}")
+        say(config, f"warning: the training classes are imbalanced "
+                    f"{imbalance:.1f}:1 (largest to smallest){advice}")
     checkpoint = RunCheckpoint(output, run_settings(config, folder))
-    history_path = os.path.join(output, "history.csv")
-    if config.overwrite or not workers.is_chief:
-        state = None
-    else:
-        state = checkpoint.load()
-    # Across machines every worker resumes from the chief's checkpoint. They
-    # must agree on the dtype policy too, which `auto` may set apart: float16
-    # steps take an extra collective op (see `distributed_fit`).
-    state = workers.share_state(state, {**checkpoint.settings,
-                                        "dtype_policy": keras.config.dtype_policy().name})
+    state = resume_state(config, workers, checkpoint)
     with workers.strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size,
                                  config.alpha)
@@ -656,21 +711,10 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
                 f"{config.fine_tune_layers}"
             )
     weights_used = config.weights if config.weights is not None else "none (random)"
-    _say(config, f"Backbone {config.backbone} ({backbone.count_params():,} "
-                 f"parameters), weights: {weights_used}, image size {config.image_size}")
-    os.makedirs(output, exist_ok=True)
-    _remove(os.path.join(output, "metrics.json"))  # The folder is unfinished now.
-    recover_interrupted(os.path.join(output, "saved_model"))
-    checkpoint.remove_temporaries()
-    _remove(os.path.join(output, "model.keras.partial.keras"))
-    if state is None:
-        checkpoint.clear()
-        _remove(history_path)
-    else:
-        truncate_history(history_path, state["epoch"])
-        where = checkpoint.path if workers.is_chief else "the chief's checkpoint"
-        _say(config, f"Resuming from epoch {state['epoch']} ({where})")
-    write_json_atomically(os.path.join(output, "data_report.json"), report)
+    say(config, f"Backbone {config.backbone} ({backbone.count_params():,} "
+                f"parameters), weights: {weights_used}, image size {config.image_size}")
+    history_path = prepare_run_folder(config, workers, output, checkpoint, state,
+                                      report)
     # Outside the strategy's scope: the random layers' seed state lives in the
     # tf.data pipeline, not among the replicated variables.
     augment = augmentation_layers(config.seed) if config.augment else None
@@ -690,10 +734,10 @@ def _train_run(config: TrainConfig, workers: Workers) -> dict:
         model = build_classifier(backbone, len(folder.class_names), config.dropout)
         if state is not None:
             # Head-phase checkpoints hold the head only: the backbone is unchanged.
-            restore_weights(model.get_layer("head") if state["weights_of"] == "head"
-                            else model, state)
-        phases = _Phases(config, model, share, data, output, checkpoint, state,
-                         workers, folder)
+            restore_weights(model, state)
+        totals = {split: len(folder.used(split)) for split in ("train", "validation")}
+        run = Resumable(config, workers, checkpoint, state, history_path, totals)
+        phases = _Phases(config, model, share, data, run, folder)
         phases.head_phase()
         head_report = dict(phases.report)
         from_activations = phases.fine_tune_phase()
