@@ -40,7 +40,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tftransfer.backbones import load_backbone  # noqa: E402
-from tftransfer.data import make_dataset, scan_image_folder  # noqa: E402
+from tftransfer.data import make_dataset  # noqa: E402
+from tftransfer.folders import scan_image_folder  # noqa: E402
 from tftransfer.heads import build_classifier  # noqa: E402
 from tftransfer.train import (  # noqa: E402
     compile_classifier,

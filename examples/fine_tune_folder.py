@@ -15,6 +15,6 @@ backbone = tftransfer.load_backbone("mobilenet_v2", weights="imagenet", alpha=0.
 model = tftransfer.build_classifier(backbone, num_classes=len(data.class_names))
 history = tftransfer.fine_tune(model, data.train, data.validation, epochs=5,
                                fine_tune_epochs=1)
-print(f"val_accuracy {history['val_accuracy'][-1]:.3f}")
+print(f"val_accuracy {history.history['val_accuracy'][-1]:.3f}")
 tftransfer.export_saved_model(model, output, data.class_names, overwrite=True)
 print(f"SavedModel written to {output}")

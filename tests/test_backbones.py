@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from tftransfer import backbone_names, get_backbone_spec, load_backbone
+from tftransfer import (
+    BackboneSpec,
+    backbone_names,
+    backbones,
+    get_backbone_spec,
+    load_backbone,
+    register_backbone,
+)
 
 REQUIRED = {
     "vgg16", "vgg19", "resnet50", "resnet50_v2", "resnet101", "mobilenet",
@@ -70,3 +77,50 @@ def test_offline_imagenet_weights_fail_clearly_from_the_cli(tmp_path, scenes_dir
     assert str(tmp_path / "empty_keras_home" / "models") in result.stderr
     assert "--weights none" in result.stderr and "--weights PATH" in result.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.fixture
+def registry():
+    """The backbone registry, restored after the test."""
+    saved = dict(backbones._REGISTRY)
+    yield backbones._REGISTRY
+    backbones._REGISTRY.clear()
+    backbones._REGISTRY.update(saved)
+
+
+def test_custom_backbone_is_found_by_any_case(registry):
+    spec = register_backbone(BackboneSpec("MyNet", "MobileNetV2", "tf",
+                                          has_alpha=True))
+    assert spec.name == "mynet" and "mynet" in backbone_names()
+    assert "MyNet" not in registry
+    for name in ("MyNet", "mynet", "MYNET"):
+        assert get_backbone_spec(name) is spec
+    backbone = load_backbone("MyNet", weights=None, image_size=32, alpha=0.35)
+    assert backbone.output_shape == (None, 1280)
+    dashed = register_backbone(BackboneSpec("Tiny-Net", "VGG16", "caffe"))
+    assert dashed.name == "tiny_net" and get_backbone_spec("TINY-NET") is dashed
+
+
+def test_duplicate_backbone_is_refused_unless_overwritten(registry):
+    first = register_backbone(BackboneSpec("MyNet", "MobileNetV2", "tf"))
+    with pytest.raises(ValueError, match="'mynet' is already registered.*"
+                                         "`overwrite=True`"):
+        register_backbone(BackboneSpec("MYNET", "VGG16", "caffe"))
+    assert get_backbone_spec("mynet") is first
+    with pytest.raises(ValueError, match="'resnet50' is already registered"):
+        register_backbone(BackboneSpec("ResNet50", "VGG16", "caffe"))
+    second = register_backbone(BackboneSpec("MYNET", "VGG16", "caffe"),
+                               overwrite=True)
+    assert get_backbone_spec("MyNet") is second and second.constructor == "VGG16"
+    assert list(registry).count("mynet") == 1
+
+
+def test_bad_registrations_are_refused(registry):
+    before = dict(registry)
+    with pytest.raises(TypeError, match="BackboneSpec"):
+        register_backbone("mynet")
+    with pytest.raises(ValueError, match="hub:"):
+        register_backbone(BackboneSpec("hub:mine", "VGG16", "caffe"))
+    with pytest.raises(ValueError, match="preprocessing"):
+        register_backbone(BackboneSpec("mine", "VGG16", "bgr"))
+    assert registry == before

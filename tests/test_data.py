@@ -53,6 +53,76 @@ def test_split_folders_are_used_as_given(tmp_path):
                                "test": {"a": 2, "b": 2}}
 
 
+def _under(path, folder):
+    return os.path.commonpath([path, str(folder)]) == str(folder)
+
+
+def test_train_and_test_folders_carve_validation_from_train(tmp_path):
+    root = tmp_path / "data"
+    _class_folder(root / "train", count=20)
+    _class_folder(root / "test", count=3)
+    folder = scan_image_folder(str(root), validation_split=0.3, seed=5)
+    assert folder.layout == "train_test"
+    assert folder.class_names == ["a", "b"]  # not ["test", "train"]
+    test = {f.path for f in folder.used("test")}
+    assert test == {str(p) for p in (root / "test").rglob("*.jpg")}
+    train = {f.path for f in folder.used("train")}
+    validation = {f.path for f in folder.used("validation")}
+    assert train and validation and not train & validation
+    assert train | validation == {str(p) for p in (root / "train").rglob("*.jpg")}
+    assert all(_under(p, root / "train") for p in validation)
+    assert set(folder.counts()["validation"]) == {"a", "b"}
+    # The same content hash as when train/'s class folders are scanned directly.
+    direct = scan_image_folder(str(root / "train"), validation_split=0.3, seed=5)
+    assert {f.path: f.split for f in direct.files} == {
+        f.path: f.split for f in folder.files if f.split != "test"}
+    assert len(folder.notes) == 1
+    note = folder.notes[0]
+    assert "carved from train/" in note and "validation_split=0.3" in note
+    assert "seed=5" in note and "test/ is the test split" in note
+    data = image_folder_datasets(str(root), image_size=16, folder=folder)
+    assert sum(int(y.shape[0]) for _, y in data.test) == 6
+    # Unsplit for evaluation: test/ stays the test split, train/ is left alone.
+    unsplit = scan_image_folder(str(root), validation_split=None)
+    assert {f.split for f in unsplit.files} == {"", "test"}
+    assert {f.path for f in unsplit.used("test")} == test
+
+
+def test_train_folder_alone_carves_validation_from_it(tmp_path):
+    root = tmp_path / "data"
+    _class_folder(root / "train", count=20)
+    folder = scan_image_folder(str(root), validation_split=0.3)
+    assert folder.layout == "train_only" and folder.class_names == ["a", "b"]
+    assert set(folder.counts()) == {"train", "validation"}
+    assert "carved from train/" in folder.notes[0]
+    assert "test" not in folder.notes[0]
+
+
+def test_split_folders_without_train_are_an_error(tmp_path):
+    only_val = tmp_path / "only_val"
+    _class_folder(only_val / "val")
+    _class_folder(only_val / "test")
+    with pytest.raises(DataError, match=r"test/, val/ but no train/ folder\. "
+                                        r"Expected train/"):
+        scan_image_folder(str(only_val))
+    mismatch = tmp_path / "mismatch"
+    _class_folder(mismatch / "train")
+    _class_folder(mismatch / "test", classes=("a", "c"))
+    with pytest.raises(DataError, match="same class folders"):
+        scan_image_folder(str(mismatch))
+
+
+def test_given_splits_and_class_folders_have_no_notes(tmp_path):
+    root = tmp_path / "data"
+    _class_folder(root / "train")
+    _class_folder(root / "validation", count=3)
+    assert scan_image_folder(str(root)).notes == []
+    # Contents vary with the path's length: at 0.5, 20 images all land in
+    # train with odds of 1e-6 (at 0.2 it was 1%, and happened).
+    classes = _class_folder(tmp_path / "classes")
+    assert scan_image_folder(classes, validation_split=0.5).notes == []
+
+
 def test_clear_errors_for_unusable_folders(tmp_path):
     with pytest.raises(DataError, match="not found"):
         scan_image_folder(str(tmp_path / "missing"))

@@ -198,7 +198,7 @@ _MIRRORED_DISTILLER = textwrap.dedent("""
         validation = tf.data.Dataset.from_tensor_slices(
             (np.concatenate([x, x[:1]]), np.concatenate([y, y[:1]]))).batch(16)
         history = distiller.fit(data, validation_data=validation, epochs=2,
-                                verbose=0)
+                                shuffle=False, verbose=0)
         return (initial, [w.tolist() for w in student.get_weights()],
                 history.history, strategy.num_replicas_in_sync)
 

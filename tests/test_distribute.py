@@ -16,8 +16,9 @@ from conftest import last_json, shared_path
 
 from tftransfer import Distiller, ServedModel
 from tftransfer.distill import INPUTS, TEACHER_LOGITS
-from tftransfer.distribute import Workers, cluster_tasks, distributed_fit, make_strategy
-from tftransfer.train import feature_dataset
+from tftransfer.distribute import distributed_fit
+from tftransfer.examples import feature_dataset
+from tftransfer.workers import Workers, cluster_tasks, make_strategy
 
 
 def test_strategy_names_and_tf_config_are_checked(monkeypatch):
@@ -86,7 +87,7 @@ def test_own_loop_trains_like_keras_fit():
     reference, ours = _compiled_head(1), _compiled_head(1)
     before = [w.copy() for w in ours.get_weights()]
     fitted = reference.fit(feature_dataset(x, y, 16), validation_data=feature_dataset(
-        x, y, 16), epochs=20, class_weight=class_weight, verbose=0)
+        x, y, 16), epochs=20, class_weight=class_weight, shuffle=False, verbose=0)
     workers = Workers(tf.distribute.get_strategy())
     history = distributed_fit(
         workers, ours, workers.lockstep(feature_dataset(x, y, 16), 50, 16),
@@ -132,7 +133,7 @@ def test_own_loop_distils_like_keras_fit(student_loss):
     reference, ours = _distiller(2, student_loss), _distiller(2, student_loss)
     before = [w.copy() for w in ours.get_weights()]
     fitted = reference.fit(batches(), validation_data=batches(), epochs=5,
-                           class_weight=class_weight, verbose=0)
+                           class_weight=class_weight, shuffle=False, verbose=0)
     workers = Workers(tf.distribute.get_strategy())
     history = distributed_fit(
         workers, ours, workers.lockstep(batches(), 40, 16),
@@ -165,7 +166,8 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 import numpy as np
-from tftransfer.distribute import Workers, distributed_fit
+from tftransfer.distribute import distributed_fit
+from tftransfer.workers import Workers
 from tftransfer.train import compile_classifier
 
 keras.config.set_dtype_policy("mixed_float16")
@@ -225,7 +227,7 @@ def test_mirrored_strategy_trains_like_the_default_one_and_exports(scenes_dir, t
     summaries = {
         strategy: train_run(TrainConfig(
             scenes_dir, output=str(tmp_path / strategy), backbone="vgg16",
-            weights=None, image_size=32, epochs=15, strategy=strategy, verbose=0))
+            weights=None, image_size=32, epochs=15, strategy=strategy, verbose=0)).summary
         for strategy in ("default", "mirrored")
     }
     mirrored = summaries["mirrored"]

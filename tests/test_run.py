@@ -18,7 +18,7 @@ from odd_files import write_odd_files
 from tftransfer import ServedModel, TrainConfig, load_backbone, train_run
 from tftransfer.checkpoint import RunCheckpoint
 from tftransfer.cli import main
-from tftransfer.export import recover_interrupted
+from tftransfer.files import recover_interrupted
 
 TINY = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32",
         "--learning-rate", "0.01"]
@@ -168,7 +168,7 @@ def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_
                          weights=None, image_size=32, epochs=10, fine_tune_epochs=3,
                          fine_tune_layers=4, learning_rate=0.01,
                          cache_dir=str(tmp_path / "cache"), verbose=0)
-    summary = train_run(config)
+    summary = train_run(config).summary
     activations = summary["fine_tune_activations"]
     assert activations["computed"] == summary["num_train"] + summary["num_validation"]
     keras.utils.set_random_seed(config.seed)  # train_run's backbone, before training
@@ -189,7 +189,7 @@ def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_
     accuracy = float(np.mean(probabilities.argmax(-1) == labels))
     assert abs(accuracy - summary["val_accuracy"]) < 1e-6
 
-    second = train_run(TrainConfig(**{**config.__dict__, "overwrite": True}))
+    second = train_run(TrainConfig(**{**config.__dict__, "overwrite": True})).summary
     assert second["features"]["hits"] == summary["num_train"] + summary["num_validation"]
     assert second["features"]["computed"] == 0
     assert second["fine_tune_activations"]["computed"] == 0
@@ -262,7 +262,7 @@ def test_mixed_precision_policies_train_with_a_float32_head(scenes_dir, tmp_path
     summary = train_run(TrainConfig(
         scenes_dir, output=str(tmp_path / "run"), backbone="vgg16", weights=None,
         image_size=32, epochs=15, learning_rate=0.01, mixed_precision=precision,
-        cache_dir=str(tmp_path / "cache"), verbose=0))
+        cache_dir=str(tmp_path / "cache"), verbose=0)).summary
     expected = {"off": "float32", "float16": "mixed_float16",
                 "bfloat16": "mixed_bfloat16"}[precision]
     assert summary["dtype_policy"] == expected
@@ -281,7 +281,7 @@ def test_mixed_precision_policies_train_with_a_float32_head(scenes_dir, tmp_path
 def test_auto_precision_is_off_on_this_cpu():
     import tensorflow as tf
 
-    from tftransfer.run import dtype_policy
+    from tftransfer.precision import dtype_policy
 
     if not tf.config.list_physical_devices("GPU"):
         assert dtype_policy("auto") == "float32"
@@ -295,7 +295,7 @@ def test_xla_on_trains_every_stage_compiled(scenes_dir, tmp_path):
         jit: train_run(TrainConfig(
             scenes_dir, output=str(tmp_path / jit), backbone="vgg16", weights=None,
             image_size=32, epochs=15, fine_tune_epochs=1, learning_rate=0.01,
-            jit=jit, cache_dir=str(tmp_path / "cache"), verbose=0))
+            jit=jit, cache_dir=str(tmp_path / "cache"), verbose=0)).summary
         for jit in ("on", "off")
     }
     assert summaries["on"]["xla"] == {"forward": True, "head": True, "fine_tune": True}
@@ -308,7 +308,7 @@ def test_xla_on_trains_every_stage_compiled(scenes_dir, tmp_path):
                                rtol=0.05)
     augmented = train_run(TrainConfig(
         scenes_dir, output=str(tmp_path / "augmented"), backbone="vgg16",
-        weights=None, image_size=32, epochs=2, augment=True, jit="on", verbose=0))
+        weights=None, image_size=32, epochs=2, augment=True, jit="on", verbose=0)).summary
     assert augmented["xla"] == {"head": True}
     assert np.isfinite(augmented["val_loss"])
     with pytest.raises(ValueError, match="`jit` must be one of"):

@@ -25,17 +25,19 @@ def test_head_phase_trains_only_the_head_then_fine_tuning_the_top(scenes_dir):
     backbone_before = _weights(network.layers)
     head_before = _weights(model.get_layer("head").layers)
     history = fine_tune(model, data.train, data.validation, epochs=15,
-                        learning_rate=0.01, jit="on", verbose=0)
+                        learning_rate=0.01, jit_compile=True, verbose=0)
     assert model.get_layer("head").jit_compile  # the head trained under XLA
     assert all(not c for c in _changed(backbone_before, _weights(network.layers)))
     assert all(_changed(head_before, _weights(model.get_layer("head").layers)))
-    assert history["val_accuracy"][-1] >= 0.9
-    assert len(history["loss"]) == 15
+    assert history.history["val_accuracy"][-1] >= 0.9
+    assert len(history.history["loss"]) == 15
+    assert history.history["phase"] == ["head"] * 15
 
     bottom_before = _weights(network.layers[:10])
     top_before = _weights(network.layers[-4:])
     history = fine_tune(model, data.train, data.validation, epochs=0,
-                        fine_tune_epochs=1, fine_tune_layers=4, jit="off", verbose=0)
+                        fine_tune_epochs=1, fine_tune_layers=4, jit_compile=False,
+                        verbose=0)
     assert not model.jit_compile  # "auto" would have chosen XLA for VGG16 on CPU
     assert all(not c for c in _changed(bottom_before, _weights(network.layers[:10])))
     assert any(_changed(top_before, _weights(network.layers[-4:])))

@@ -7,35 +7,34 @@ from tftransfer.backbones import (
     get_backbone_spec,
     load_backbone,
     register_backbone,
-    split_backbone,
 )
-from tftransfer.cache import FeatureCache, cached_outputs, default_cache_dir
-from tftransfer.data import (
-    ImageFolder,
-    decode_image,
-    image_folder_datasets,
-    make_dataset,
-    scan_image_folder,
-)
+from tftransfer.cache import FeatureCache, default_cache_dir
+from tftransfer.data import decode_image, image_folder_datasets, make_dataset
 from tftransfer.distill import Distiller, distillation_loss
-from tftransfer.distill_run import DistillConfig, distill_run, load_teacher
-from tftransfer.distribute import Workers, distributed_fit, make_strategy
+from tftransfer.distill_run import distill_run
+from tftransfer.distribute import distributed_fit
 from tftransfer.errors import (
     DataError,
     RunFolderError,
+    SettingError,
     TransferError,
     WeightsUnavailableError,
 )
 from tftransfer.evaluate import ServedModel, evaluate_folder, predict_paths
 from tftransfer.export import export_saved_model, export_tflite
+from tftransfer.folders import ImageFolder, scan_image_folder
 from tftransfer.heads import build_classifier, build_head
-from tftransfer.run import TrainConfig, train_run
+from tftransfer.hub import export_backbone
+from tftransfer.run import RunResult, train_run
+from tftransfer.settings import DistillConfig, RunConfig, TrainConfig
+from tftransfer.teacher import load_teacher
 from tftransfer.train import (
     balanced_class_weights,
     compute_features,
     fine_tune,
     unfreeze_top,
 )
+from tftransfer.workers import make_strategy
 
 __version__ = "0.1.0"
 
@@ -47,17 +46,18 @@ __all__ = [
     "FeatureCache",
     "ImageFolder",
     "ImagePreprocessing",
+    "RunConfig",
     "RunFolderError",
+    "RunResult",
     "ServedModel",
+    "SettingError",
     "TrainConfig",
     "TransferError",
     "WeightsUnavailableError",
-    "Workers",
     "backbone_names",
     "balanced_class_weights",
     "build_classifier",
     "build_head",
-    "cached_outputs",
     "compute_features",
     "decode_image",
     "default_cache_dir",
@@ -65,6 +65,7 @@ __all__ = [
     "distillation_loss",
     "distributed_fit",
     "evaluate_folder",
+    "export_backbone",
     "export_saved_model",
     "export_tflite",
     "fine_tune",
@@ -77,7 +78,6 @@ __all__ = [
     "predict_paths",
     "register_backbone",
     "scan_image_folder",
-    "split_backbone",
     "train_run",
     "unfreeze_top",
 ]

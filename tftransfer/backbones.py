@@ -26,16 +26,31 @@ HUB_PREFIX = "hub:"
 class BackboneSpec:
     """How to build one Keras Applications backbone.
 
+    A frozen dataclass; pass it to `register_backbone` to make its name known to
+    `load_backbone` and the command line.
+
     Args:
-        name: Registry name, lowercase (`"mobilenet_v2"`).
+        name: Registry name (`"mobilenet_v2"`); `register_backbone` stores it
+            lowercase with `-` as `_`.
         constructor: Name of the `keras.applications` function (`"MobileNetV2"`).
         preprocessing: How pixels in 0..255 are scaled before the network, one of
             `PREPROCESSING_MODES`: `"tf"` (to -1..1), `"caffe"` (BGR, ImageNet mean
             subtracted), `"torch"` (0..1, ImageNet mean and std), `"unit"` (0..1),
             or `"none"` (the network preprocesses inside itself).
         default_image_size: Image side the ImageNet weights were trained at.
-        min_image_size: Smallest side the architecture accepts.
+            Defaults to `224`.
+        min_image_size: Smallest side the architecture accepts. Defaults to `32`.
         has_alpha: Whether the constructor takes a width multiplier `alpha`.
+            Defaults to `False`.
+
+    Example:
+
+    >>> spec = get_backbone_spec("xception")
+    >>> spec.constructor, spec.preprocessing, spec.default_image_size
+    ('Xception', 'tf', 299)
+    >>> BackboneSpec("my_vgg", "VGG16", "caffe")  # doctest: +NORMALIZE_WHITESPACE
+    BackboneSpec(name='my_vgg', constructor='VGG16', preprocessing='caffe',
+                 default_image_size=224, min_image_size=32, has_alpha=False)
     """
 
     name: str
@@ -49,10 +64,65 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Adds `spec` to the registry under `spec.name` and returns it."""
+def _registry_key(name: str) -> str:
+    # Registration and lookup must agree, so "MyNet", "mynet" and "my-net" style
+    # variants all reach one entry.
+    return name.lower().replace("-", "_")
+
+
+def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
+    """Adds a backbone to the registry, so every name-taking function knows it.
+
+    The name is stored normalized (lowercase, `-` as `_`), as
+    `get_backbone_spec` looks names up, so any capitalization finds it.
+
+    Args:
+        spec: The `BackboneSpec` to register.
+        overwrite: Replace a backbone already registered under the same name.
+            Defaults to `False`.
+
+    Returns:
+        The registered spec, its `name` normalized.
+
+    Raises:
+        TypeError: `spec` is not a `BackboneSpec`.
+        ValueError: the name is empty, starts with `hub:`, or is already
+            registered (and `overwrite` is `False`); or `spec.preprocessing` is
+            not one of `PREPROCESSING_MODES`.
+
+    Example:
+
+    >>> spec = register_backbone(BackboneSpec("Tiny-MobileNet", "MobileNetV2", "tf",
+    ...                                       default_image_size=32, has_alpha=True))
+    >>> spec.name
+    'tiny_mobilenet'
+    >>> get_backbone_spec("TINY_MOBILENET") is spec
+    True
+    >>> load_backbone("Tiny-MobileNet", weights=None, alpha=0.35).output_shape
+    (None, 1280)
+    >>> del _REGISTRY["tiny_mobilenet"]  # Undo the example's registration.
+    """
+    if not isinstance(spec, BackboneSpec):
+        raise TypeError(
+            f"`spec` must be a BackboneSpec. Received: spec={spec!r} "
+            f"of type {type(spec).__name__}"
+        )
     check_choice("preprocessing", spec.preprocessing, PREPROCESSING_MODES)
-    _REGISTRY[spec.name] = spec
+    key = _registry_key(spec.name)
+    if not key or key.startswith(HUB_PREFIX):
+        raise ValueError(
+            "`spec.name` must be a non-empty name not starting with 'hub:' (hub "
+            f"handles need no registration). Received: name={spec.name!r}"
+        )
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"A backbone named {key!r} is already registered "
+            f"({_REGISTRY[key].constructor or 'no constructor'}). Register it under "
+            "another name, or pass `overwrite=True` to replace it. "
+            f"Received: name={spec.name!r}"
+        )
+    spec = dataclasses.replace(spec, name=key)
+    _REGISTRY[key] = spec
     return spec
 
 
@@ -81,7 +151,22 @@ for _spec in (
 
 
 def backbone_names() -> list[str]:
-    """Returns the registered backbone names, sorted."""
+    """Returns the registered backbone names, sorted.
+
+    `hub:HANDLE` names are accepted too but are not listed: they need no
+    registration.
+
+    Returns:
+        A list of names, each accepted by `load_backbone` and `get_backbone_spec`.
+
+    Example:
+
+    >>> names = backbone_names()
+    >>> names[:3]
+    ['convnext_tiny', 'densenet121', 'efficientnet_b0']
+    >>> "mobilenet_v2" in names
+    True
+    """
     return sorted(_REGISTRY)
 
 
@@ -92,14 +177,29 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     see `tftransfer.hub`) get a spec of their own: images in [0, 1], 224 px by
     default.
 
+    Args:
+        name: A registered name, in any case, `-` or `_` alike; or `hub:HANDLE`.
+
+    Returns:
+        The `BackboneSpec`.
+
     Raises:
-        ValueError: if `name` is not registered; the message lists the valid names.
+        ValueError: if `name` is not registered (the message lists the valid
+            names), or is `hub:` without a handle.
+
+    Example:
+
+    >>> get_backbone_spec("MobileNet-V2")  # doctest: +NORMALIZE_WHITESPACE
+    BackboneSpec(name='mobilenet_v2', constructor='MobileNetV2', preprocessing='tf',
+                 default_image_size=224, min_image_size=32, has_alpha=True)
+    >>> get_backbone_spec("hub:/models/my_saved_model").preprocessing
+    'unit'
     """
     if name.startswith(HUB_PREFIX):
         if len(name) == len(HUB_PREFIX):
             raise ValueError("`hub:` needs a handle: hub:https://... or hub:/path")
         return BackboneSpec(name, "", "unit", default_image_size=224)
-    key = name.lower().replace("-", "_")
+    key = _registry_key(name)
     if key not in _REGISTRY:
         raise ValueError(
             f"Unknown backbone {name!r}. Expected one of: {', '.join(backbone_names())}"
@@ -112,8 +212,24 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 class ImagePreprocessing(keras.layers.Layer):
     """Scales float pixels in 0..255 the way a backbone's weights expect.
 
+    The first layer of every `load_backbone` model, so that callers always feed
+    pixels in 0..255 whatever the network was trained on.
+
     Args:
-        mode: One of `PREPROCESSING_MODES`. Defaults to `"tf"`.
+        mode: One of `PREPROCESSING_MODES` (see `BackboneSpec`). Defaults to
+            `"tf"`.
+        **kwargs: Passed to `keras.layers.Layer` (e.g. `name`).
+
+    Raises:
+        ValueError: `mode` is not one of `PREPROCESSING_MODES`.
+
+    Example:
+
+    >>> pixels = keras.ops.convert_to_tensor([[0.0, 127.5, 255.0]])
+    >>> keras.ops.convert_to_numpy(ImagePreprocessing("tf")(pixels)).tolist()
+    [[-1.0, 0.0, 1.0]]
+    >>> keras.ops.convert_to_numpy(ImagePreprocessing("unit")(pixels)).tolist()
+    [[0.0, 0.5, 1.0]]
     """
 
     def __init__(self, mode: str = "tf", **kwargs):
@@ -179,9 +295,17 @@ def load_backbone(
 
     Example:
 
-    >>> backbone = load_backbone("mobilenet_v2", weights=None, image_size=96, alpha=0.35)
+    >>> import numpy as np
+    >>> backbone = load_backbone("mobilenet_v2", weights=None, image_size=32, alpha=0.35)
     >>> backbone.output_shape
     (None, 1280)
+    >>> pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3))
+    >>> backbone(pixels.astype("float32"), training=False).shape
+    TensorShape([2, 1280])
+
+    With ImageNet weights, found in `$KERAS_HOME/models` or downloaded:
+
+    >>> backbone = load_backbone("mobilenet_v2", alpha=0.35)  # doctest: +SKIP
     """
     spec = get_backbone_spec(name)
     image_size = int(image_size or spec.default_image_size)
@@ -278,60 +402,3 @@ def _check_weights(weights):
             f"file. Received: weights={weights!r} (no such file)"
         )
     return path
-
-
-def backbone_network(backbone: keras.Model) -> keras.Model:
-    """Returns the Keras Applications network nested inside a `load_backbone` model."""
-    for layer in backbone.layers:
-        if isinstance(layer, keras.Model):
-            return layer
-    raise ValueError(
-        "Expected a backbone made by `load_backbone`, with a nested network. "
-        f"Received: a model named {backbone.name!r} without one"
-    )
-
-
-def split_backbone(backbone: keras.Model, num_layers: int) -> Optional[tuple]:
-    """Cuts a backbone into a bottom and a top holding its top `num_layers` layers.
-
-    Fine-tuning only the top of a backbone leaves the bottom's output for each
-    image unchanged, so it can be computed once. The cut must cross the graph at
-    a single tensor: when a residual branch jumps over the first unfrozen layer,
-    the cut moves down until it does not, keeping every unfrozen layer in the top.
-
-    Args:
-        backbone: A model from `load_backbone`.
-        num_layers: Layers of its network that must be in the top.
-
-    Returns:
-        `(bottom, top)` models sharing the backbone's layers: `bottom` takes the
-        backbone's pixels and `top(bottom(x))` equals `backbone(x)`; or `None`
-        when no single-tensor cut exists.
-    """
-    if not any(isinstance(layer, keras.Model) for layer in backbone.layers):
-        return None  # A hub module is one opaque layer: nothing to cut.
-    network = backbone_network(backbone)
-    layers = network.layers
-    producer = {}
-    for index, layer in enumerate(layers):
-        for tensor in keras.tree.flatten(layer.output):
-            producer[id(tensor)] = index
-    for cut in range(len(layers) - num_layers, 0, -1):
-        boundary = {}
-        for layer in layers[cut:]:
-            for tensor in keras.tree.flatten(layer.input):
-                if producer.get(id(tensor), -1) < cut:
-                    boundary[id(tensor)] = tensor
-        if len(boundary) == 1:
-            (tensor,) = boundary.values()
-            if tensor is network.inputs[0]:
-                return None
-            bottom_network = keras.Model(network.inputs[0], tensor)
-            top = keras.Model(tensor, network.outputs[0], name="backbone_top")
-            inputs = keras.Input(backbone.inputs[0].shape[1:], name="pixels")
-            x = inputs
-            for layer in backbone.layers[1:]:
-                x = bottom_network(x) if layer is network else layer(x)
-            bottom = keras.Model(inputs, x, name="backbone_bottom")
-            return bottom, top
-    return None

@@ -45,8 +45,25 @@ _MAX_DIMS = 4
 
 
 def default_cache_dir() -> str:
-    """`$TFTRANSFER_CACHE_DIR`, else `$XDG_CACHE_HOME/tftransfer`, else
-    `~/.cache/tftransfer`."""
+    """Returns the feature cache folder to use when none is given.
+
+    Returns:
+        `$TFTRANSFER_CACHE_DIR` if set and not empty, else
+        `$XDG_CACHE_HOME/tftransfer`, else `~/.cache/tftransfer` (with `~`
+        expanded). The folder is not created.
+
+    Example:
+
+    >>> import os, tftransfer
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"TFTRANSFER_CACHE_DIR": "/data/cache"}):
+    ...     tftransfer.default_cache_dir()
+    '/data/cache'
+    >>> with mock.patch.dict(os.environ, {"TFTRANSFER_CACHE_DIR": "",
+    ...                                   "XDG_CACHE_HOME": "/home/me/.cache"}):
+    ...     tftransfer.default_cache_dir()
+    '/home/me/.cache/tftransfer'
+    """
     if os.environ.get("TFTRANSFER_CACHE_DIR"):
         return os.environ["TFTRANSFER_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
@@ -102,11 +119,36 @@ def _decode(contents: bytes) -> Optional[np.ndarray]:
 class FeatureCache:
     """Cached outputs of one network for images, keyed by file content.
 
+    Entries live in `directory/v1/<hash of key>/`, one file per image named by
+    its content digest. Opening a cache creates its folder, writes `key.json`
+    there if absent, checks the folder can be written, and removes the
+    temporary files of writers that were killed.
+
     Args:
         directory: The cache root (see `default_cache_dir`).
         key: Everything that changes the network's output for a given file,
             as a JSON-serializable dict (see `feature_cache_key`).
         dtype: Storage dtype, `"float32"` or `"float16"`. Defaults to `"float32"`.
+
+    Attributes:
+        key: `key` plus the storage `dtype`.
+        directory: This key's folder, below `directory`.
+        swept: How many leftover temporary files were removed on opening.
+
+    Raises:
+        ValueError: if `dtype` is neither `"float32"` nor `"float16"`.
+        OSError: if the folder cannot be created or written.
+
+    Example:
+
+    >>> import tempfile, numpy as np, tftransfer
+    >>> cache = tftransfer.FeatureCache(tempfile.mkdtemp(), {"network": "demo"})
+    >>> digest = "0f" * 32  # The SHA-256 of an image file's content.
+    >>> cache.load(digest)
+    (None, 'miss')
+    >>> cache.store(digest, np.arange(3))
+    >>> cache.load(digest)
+    (array([0., 1., 2.], dtype=float32), 'hit')
     """
 
     def __init__(self, directory: str, key: dict, dtype: str = "float32"):
@@ -131,6 +173,7 @@ class FeatureCache:
         self.swept = sweep_temporaries(self.directory)
 
     def path(self, digest: str) -> str:
+        """Returns the file of the entry for `digest` (which may not exist)."""
         return os.path.join(self.directory, digest[:2], digest + ".bin")
 
     def load(self, digest: str) -> tuple:
@@ -146,6 +189,7 @@ class FeatureCache:
         return (array, "hit") if array is not None else (None, "corrupt")
 
     def store(self, digest: str, array: np.ndarray) -> None:
+        """Writes `array`, cast to the cache's dtype, as the entry for `digest`."""
         path = self.path(digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         contents = _encode(np.asarray(array, self.dtype))
@@ -271,16 +315,46 @@ def cached_outputs(
         digests: SHA-256 of each file's content, as from `scan_image_folder`.
         image_size: Side images are resized to, or `None` to pass raw bytes.
         cache: A `FeatureCache`, or `None` to compute everything in memory.
-        batch_size: Defaults to `32`.
+        batch_size: Images per forward pass. Defaults to `32`.
         keep: Return the outputs as one array. With `False` (outputs too big to
             hold, e.g. activations for fine-tuning) only the cache is filled and
             `None` is returned. Defaults to `True`.
-        verbose: Progress bar. Defaults to `"auto"`.
+        verbose: Progress bar over the batches computed: `0` for none, `1` or
+            `"auto"` for one. Defaults to `"auto"`.
         jit_compile: Compile the forward pass with XLA (see `train.jit_for`).
             Defaults to `False`.
 
     Returns:
-        `(outputs, CacheStats)`; outputs is a float32 array (or `None`).
+        `(outputs, stats)`: `outputs` is a float32 array with one row per path,
+        in order (or `None` when `keep=False`); `stats` is a
+        `CacheStats(hits, computed, rebuilt)`: images found in the cache,
+        distinct images computed (identical files are computed once), and
+        entries found corrupt and computed again.
+
+    Raises:
+        ValueError: if `paths` is empty and `keep` is `True`.
+
+    Example:
+
+    >>> import os, tempfile, tftransfer
+    >>> from tftransfer.cache import cached_outputs
+    >>> from tftransfer.demo import write_demo_images
+    >>> folder = tempfile.mkdtemp()
+    >>> data_dir = write_demo_images(os.path.join(folder, "data"),
+    ...                              images_per_class=4, image_size=32)
+    >>> files = tftransfer.scan_image_folder(data_dir, validation_split=None).used("")
+    >>> paths, digests = [f.path for f in files], [f.digest for f in files]
+    >>> backbone = tftransfer.load_backbone("vgg16", weights=None, image_size=32)
+    >>> cache = tftransfer.FeatureCache(os.path.join(folder, "cache"),
+    ...                                 {"network": "vgg16-random"})
+    >>> features, stats = cached_outputs(
+    ...     backbone, paths, digests, image_size=32, cache=cache, verbose=0)
+    >>> features.shape, stats
+    ((12, 512), CacheStats(hits=0, computed=12, rebuilt=0))
+    >>> again, stats = cached_outputs(
+    ...     backbone, paths, digests, image_size=32, cache=cache, verbose=0)
+    >>> stats, bool((again == features).all())
+    (CacheStats(hits=12, computed=0, rebuilt=0), True)
     """
     outputs = [None] * len(paths)
     todo, rebuilt = [], 0

@@ -90,7 +90,7 @@ def run_demo(output: str = "tftransfer-demo", verbose="auto") -> dict:
                 image_size=224,
                 **settings,
             )
-        )
+        ).summary
     except WeightsUnavailableError as error:
         # A randomly initialized MobileNet's features are degenerate (of the
         # order of 1e-11) and useless to a frozen-backbone head; a random
@@ -102,7 +102,7 @@ def run_demo(output: str = "tftransfer-demo", verbose="auto") -> dict:
         )
         summary = train_run(
             TrainConfig(backbone="resnet50", weights=None, image_size=64, **settings)
-        )
+        ).summary
     samples = [os.path.join(data_dir, name, f"{name}_000.jpg") for name in DEMO_CLASSES]
     predictions = predict_paths(summary["saved_model"], samples, top_k=1)
     return {

@@ -45,11 +45,35 @@ def distillation_losses(teacher_logits, student_logits, temperature: float):
 
 def distillation_loss(teacher_logits, student_logits, temperature: float,
                       sample_weight=None):
-    """`distillation_losses` averaged over the batch.
+    """The soft-target distillation loss, averaged over the batch.
 
-    `sample_weight`, one per example, weighs each example's divergence; the sum
-    is divided by the batch size, as Keras' `"sum_over_batch_size"` does (and an
-    empty batch gives 0, not NaN).
+    Each example's loss is `KL(softmax(t / T) || softmax(s / T)) * T**2` (see
+    `distillation_losses`); the `T**2` keeps its gradients on the scale of the
+    hard-label loss's whatever the temperature. The sum over the batch is
+    divided by the batch size, as Keras' `"sum_over_batch_size"` reduction does,
+    and an empty batch gives 0, not NaN.
+
+    Args:
+        teacher_logits: The teacher's logits, `(batch, num_classes)`.
+        student_logits: The student's logits, same shape.
+        temperature: `T`, which softens both distributions; must be > 0.
+        sample_weight: One weight per example, multiplying its divergence, or
+            `None` for equal weights. Defaults to `None`.
+
+    Returns:
+        A float32 scalar tensor.
+
+    Example:
+
+    >>> import tftransfer
+    >>> teacher_logits = [[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]]
+    >>> student_logits = [[0.0, 0.0, 2.0], [2.0, 0.0, 0.0]]
+    >>> loss = tftransfer.distillation_loss(teacher_logits, student_logits, 1.0)
+    >>> round(float(loss), 4)
+    0.6805
+    >>> round(float(tftransfer.distillation_loss(
+    ...     teacher_logits, student_logits, 1.0, sample_weight=[0.0, 1.0])), 4)
+    0.0
     """
     divergence = distillation_losses(teacher_logits, student_logits, temperature)
     if sample_weight is not None:
@@ -88,24 +112,41 @@ class Distiller(keras.Model):
     `class_weight`) weighs both losses.
 
     Args:
-        teacher: A `keras.Model` returning logits. It is frozen. May be `None`
-            when every batch carries the teacher's logits.
+        teacher: A `keras.Model` returning logits. It is frozen here (its
+            `trainable` is set to `False`). May be `None` when every batch
+            carries the teacher's logits.
         student: A `keras.Model` returning logits for the same classes.
-        temperature: Softens both distributions. Defaults to `3.0`.
+        temperature: Softens both distributions; must be > 0. Defaults to
+            `3.0`, as `keras.distillation.LogitsDistillation`'s.
         student_loss_weight: `w` above, between 0 and 1. Defaults to `0.5`,
             as `keras.distillation.Distiller`'s.
+        **kwargs: Passed to `keras.Model` (e.g. `name`).
+
+    Raises:
+        ValueError: if `temperature` is not > 0 or `student_loss_weight` is not
+            between 0 and 1; and, in `fit` or `evaluate`, when there is no
+            teacher and a batch does not carry the teacher's logits.
 
     Example:
 
-    >>> import keras, numpy as np
+    >>> import keras, numpy as np, tftransfer
     >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> distiller = Distiller(teacher, student, temperature=2.0)
+    >>> distiller = tftransfer.Distiller(teacher, student, temperature=2.0)
     >>> distiller.compile(optimizer="adam")
     >>> x, y = np.ones((8, 4), "float32"), np.zeros((8,), "int32")
     >>> history = distiller.fit(x, y, epochs=1, verbose=0)
     >>> sorted(history.history)
     ['accuracy', 'distillation_loss', 'loss', 'student_loss']
+
+    With the teacher's logits computed beforehand, no teacher is needed:
+
+    >>> distiller = tftransfer.Distiller(None, student)
+    >>> distiller.compile(optimizer="adam")
+    >>> x = {"inputs": x, "teacher_logits": teacher.predict(x, verbose=0)}
+    >>> history = distiller.fit(x, y, epochs=1, verbose=0)
+    >>> distiller.predict(x, verbose=0).shape
+    (8, 3)
     """
 
     def __init__(
@@ -141,7 +182,8 @@ class Distiller(keras.Model):
         """Configures training.
 
         Args:
-            optimizer: Defaults to `"adam"`.
+            optimizer: A `keras.optimizers.Optimizer` or its name. Defaults to
+                `"adam"`.
             student_loss: The hard-label loss: a `keras.losses.Loss`, or a
                 function `(y_true, y_pred) -> per-example losses` (its batch
                 mean is used). Defaults to sparse categorical cross-entropy on

@@ -1,319 +1,23 @@
-"""Training on several devices or machines with `tf.distribute`.
+"""Training across machines: `distributed_fit`, our own loop where Keras' `fit` fails.
 
-`make_strategy` picks the strategy: the default one (this process's one
-device), `MirroredStrategy` (every GPU of this machine) or
-`MultiWorkerMirroredStrategy` (several machines, configured by `TF_CONFIG`).
-Models and optimizers are built under `strategy.scope()`.
-
-On one machine Keras' `fit` does the rest. Across machines it cannot: Keras 3's
-`fit` fails under `MultiWorkerMirroredStrategy` ("Attempt to convert a value
-(PerReplica ...)", keras-team/keras#20585, tensorflow/tensorflow#72388), so
-`distributed_fit` runs our own training step through `strategy.run`, with the
-same callbacks (history, checkpoints) as `fit`.
-
-Each worker reads its own shard of the images (`Workers.shard`), so backbone
-features are computed once over the cluster, not once per worker, and the cache
-entries the workers write never collide (they are keyed by image content and
-written atomically). Every worker runs the same number of steps per epoch
-(`Workers.lockstep`): collective ops need every worker at every step.
+On one machine Keras' `fit` trains under every strategy. Across machines it
+cannot: Keras 3's `fit` fails under `MultiWorkerMirroredStrategy` ("Attempt to
+convert a value (PerReplica ...)", keras-team/keras#20585,
+tensorflow/tensorflow#72388), so `distributed_fit` runs our own training step
+through `strategy.run`, with the same callbacks (history, checkpoints) as
+`fit`. See `tftransfer.workers` for how the workers share the images.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import math
-import os
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tftransfer.errors import WorkerError, check_choice
-
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-# What collective ops raise when a peer has stopped or cannot be reached.
-LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError,
-                    tf.errors.UnknownError, tf.errors.AbortedError,
-                    tf.errors.DeadlineExceededError)
-
-
-def lost_worker(what: str, error: Exception) -> WorkerError:
-    """The error to raise when a collective op fails because a peer is gone.
-
-    The error's first line is kept: some of `LOST_PEER_ERRORS` may come from
-    a failure of this worker's own.
-    """
-    detail = (str(error).strip().splitlines() or [""])[0][:300]
-    return WorkerError(
-        f"Lost contact with the other workers {what} ({type(error).__name__}: "
-        f"{detail}). One of them stopped: see its output. Start every worker "
-        "again with the same command to resume from the last finished epoch."
-    )
-
-
-def cluster_tasks() -> int:
-    """How many chief and worker tasks `TF_CONFIG` names (0 without `TF_CONFIG`).
-
-    Raises:
-        ValueError: `TF_CONFIG` is not JSON with a `cluster` dict.
-    """
-    text = os.environ.get("TF_CONFIG", "").strip()
-    if not text:
-        return 0
-    try:
-        cluster = json.loads(text)["cluster"]
-        return sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(
-            "TF_CONFIG must be JSON like {\"cluster\": {\"worker\": [\"host1:port\", "
-            "\"host2:port\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}. "
-            f"Received: TF_CONFIG={text[:200]!r} ({error})"
-        ) from error
-
-
-def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
-    """The `tf.distribute.Strategy` for a `strategy` setting.
-
-    Args:
-        name: `"default"` (one device), `"mirrored"` (all GPUs of this machine,
-            or its CPU), `"multi_worker"` (`MultiWorkerMirroredStrategy` over the
-            machines `TF_CONFIG` names) or `"auto"`: `multi_worker` when
-            `TF_CONFIG` names more than one task, else `mirrored` when this
-            machine has more than one GPU, else `default`.
-
-    Create it first thing in a process: `MultiWorkerMirroredStrategy` configures
-    TensorFlow's collective ops, which must happen before TensorFlow runs.
-    """
-    check_choice("strategy", name, STRATEGIES)
-    tasks = cluster_tasks()
-    if name == "auto":
-        if tasks > 1:
-            name = "multi_worker"
-        elif len(tf.config.list_physical_devices("GPU")) > 1:
-            name = "mirrored"
-        else:
-            name = "default"
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if tasks == 0:
-        raise ValueError(
-            "--strategy multi_worker (strategy='multi_worker') needs TF_CONFIG in "
-            "the environment, naming every worker and this process's place among "
-            "them, e.g. TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:12345\", "
-            "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}'. "
-            "See the README's 'Scaling out'."
-        )
-    return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-@dataclasses.dataclass
-class Workers:
-    """This process's place in a strategy: which worker, of how many.
-
-    Built by `Workers.of(strategy)`. On one machine there is one worker, the
-    chief, and `own_loop` is False: Keras' `fit` trains.
-    """
-
-    strategy: tf.distribute.Strategy
-    index: int = 0
-    count: int = 1
-    is_chief: bool = True
-    own_loop: bool = False
-
-    @classmethod
-    def of(cls, strategy: tf.distribute.Strategy) -> Workers:
-        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return cls(strategy)
-        resolver = strategy.cluster_resolver
-        spec = resolver.cluster_spec()
-        jobs = spec.jobs
-        count = sum(spec.num_tasks(job) for job in ("chief", "worker") if job in jobs)
-        task_type, task_id = resolver.task_type, int(resolver.task_id)
-        has_chief = "chief" in jobs
-        # The chief is the `chief` task if there is one, else worker 0 (as in
-        # tf.distribute's own convention); it is input pipeline 0.
-        index = task_id + (1 if has_chief and task_type == "worker" else 0)
-        is_chief = task_type == "chief" or (not has_chief and task_id == 0)
-        return cls(strategy, index, count, is_chief, own_loop=True)
-
-    @property
-    def name(self) -> str:
-        """`"multi_worker"`, `"mirrored"` or `"default"`, as in `make_strategy`."""
-        if self.own_loop:
-            return "multi_worker"
-        if isinstance(self.strategy, tf.distribute.MirroredStrategy):
-            return "mirrored"
-        return "default"
-
-    @property
-    def num_replicas_in_sync(self) -> int:
-        return int(self.strategy.num_replicas_in_sync)
-
-    def shard(self, folder):
-        """The `ImageFolder` restricted to this worker's share of each split."""
-        if self.count == 1:
-            return folder
-        files = [f for f in folder.files if f.status != "used"]
-        for split in ("train", "validation", "test"):
-            files.extend(folder.used(split)[self.index::self.count])
-        return dataclasses.replace(folder, files=files)
-
-    def lockstep(self, dataset: tf.data.Dataset, total: int, global_batch_size: int):
-        """`(x, y, mask)` batches of this worker's shard, as many as every worker's.
-
-        Args:
-            dataset: This worker's `(x, y)` batches (any batch size, shuffled or
-                not): a shard of `total` examples split `index::count`.
-            total: The examples in all workers' shards together.
-            global_batch_size: Examples per step over all workers.
-
-        A shard one example short of the largest is padded with a copy of its
-        first example, masked out (mask 0), so that every worker runs as many
-        steps. Batches are of the global size: `experimental_distribute_dataset`
-        cuts each into one piece per replica of the cluster, and (shard policy
-        OFF) this worker's replicas take its pieces one after the other, so a
-        step takes `global_batch_size / count` examples from each worker.
-        """
-        size = len(range(self.index, total, self.count))
-        if size == 0:
-            raise ValueError(
-                f"{total} images cannot be shared among {self.count} workers: each "
-                "worker needs at least one. Use fewer workers or more images."
-            )
-        largest = math.ceil(total / self.count)
-        examples = dataset.unbatch().map(lambda x, y: (x, y, tf.ones((), "float32")))
-        if largest > size:
-            padding = examples.take(1).map(lambda x, y, m: (x, y, tf.zeros_like(m)))
-            examples = examples.concatenate(padding.repeat(largest - size))
-        options = tf.data.Options()
-        # Already sharded, by image: tf.distribute must not shard it again.
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.OFF
-        )
-        batched = examples.batch(global_batch_size)
-        return batched.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-    def everyone(self, flag: bool) -> bool:
-        """Whether `flag` holds on every worker (a collective op across machines)."""
-        if not self.own_loop:
-            return flag
-        strategy = self.strategy
-        dissent = tf.constant(0.0 if flag else 1.0)
-
-        @tf.function
-        def count(dissent):
-            return strategy.reduce(
-                "sum", strategy.run(lambda: tf.identity(dissent)), axis=None)
-
-        return float(count(dissent).numpy()) == 0.0
-
-    @contextlib.contextmanager
-    def reporting_lost_peers(self, what: str = "during the run"):
-        """Across machines, turns a failed collective op into a `WorkerError`
-        (see `lost_worker`); on one machine errors pass unchanged."""
-        try:
-            yield
-        except LOST_PEER_ERRORS as error:
-            if not self.own_loop:
-                raise
-            raise lost_worker(what, error) from error
-
-    def total(self, values) -> np.ndarray:
-        """The sum of every worker's `values` (numbers, an array), on every worker."""
-        values = np.asarray(values, "float64")  # Counts stay exact.
-        if not self.own_loop:
-            return values
-        strategy = self.strategy
-        # Each worker's replicas (one per device) share its values equally.
-        share = values / (self.num_replicas_in_sync // self.count)
-
-        @tf.function
-        def run(share):
-            return strategy.reduce(
-                "sum", strategy.run(lambda: tf.identity(share)), axis=None)
-
-        return run(tf.constant(share)).numpy()
-
-    def _broadcast(self, value: np.ndarray) -> np.ndarray:
-        """The chief's `value` on every worker (others pass zeros, same shape)."""
-        strategy = self.strategy
-
-        @tf.function
-        def run(value):
-            def replica():
-                context = tf.distribute.get_replica_context()
-                # Replica 0 is the chief's first device; the rest add zeros.
-                first = tf.equal(context.replica_id_in_sync_group, 0)
-                return context.all_reduce(
-                    "sum", value * tf.cast(first, value.dtype))
-            return strategy.experimental_local_results(strategy.run(replica))[0]
-
-        return run(tf.constant(value)).numpy()
-
-    def share_state(self, state: Optional[dict], settings: dict) -> Optional[dict]:
-        """The chief's resume state, on every worker; checks their settings agree.
-
-        Only the chief's checkpoint counts: the others may have got one epoch
-        further or not before a kill, and would disagree. So the chief sends its
-        settings and its checkpoint (`RunCheckpoint.load`'s dict, or `None`) to
-        all, and every worker resumes from it.
-
-        Raises:
-            WorkerError: this worker runs with other settings or other data
-                than the chief. (When another worker has stopped, the collective
-                ops raise one of `LOST_PEER_ERRORS`; `train_run` reports it.)
-        """
-        if not self.own_loop:
-            return state
-        meta, arrays = {"settings": settings}, []
-        if self.is_chief and state is not None:
-            arrays = [*state["model"], *state["optimizer"]]
-            meta["state"] = {key: value for key, value in state.items()
-                             if key not in ("model", "optimizer")}
-            meta["arrays"] = [[list(a.shape), str(a.dtype)] for a in arrays]
-        text = json.dumps(meta, sort_keys=True).encode() if self.is_chief else b""
-        flat = (np.concatenate([a.ravel().astype("float32") for a in arrays])
-                if arrays else np.zeros(0, "float32"))
-        # float64 counts: exact far beyond float32's 2**24.
-        sizes = self._broadcast(np.array([len(text), flat.size], "float64"))
-        length, total = int(sizes[0]), int(sizes[1])
-        if not self.is_chief:
-            text, flat = b"\0" * length, np.zeros(total, "float32")
-        # Bytes as float32: exact for 0..255.
-        text = bytes(self._broadcast(np.frombuffer(text, "uint8").astype("float32"))
-                     .astype("uint8"))
-        meta = json.loads(text)
-        theirs = {k: v for k, v in meta["settings"].items() if k != "data_dir"}
-        ours = {k: v for k, v in settings.items() if k != "data_dir"}
-        different = sorted(k for k in set(theirs) | set(ours)
-                           if theirs.get(k) != ours.get(k))
-        if different:
-            raise WorkerError(
-                f"Worker {self.index} runs with other settings or images than the "
-                "chief: " + ", ".join(f"{k}: {theirs.get(k)!r} on the chief, "
-                                      f"{ours.get(k)!r} here" for k in different)
-                + ". Start every worker with the same command on the same images."
-            )
-        if "state" not in meta:
-            return None
-        flat = self._broadcast(flat)  # Every worker takes part, the chief too.
-        if self.is_chief:
-            return state
-        arrays, offset = [], 0
-        for shape, dtype in meta["arrays"]:
-            size = int(np.prod(shape, dtype="int64"))
-            arrays.append(flat[offset:offset + size].reshape(shape).astype(dtype))
-            offset += size
-        shared = dict(meta["state"])
-        shared["model"] = arrays[: shared["num_model"]]
-        shared["optimizer"] = arrays[shared["num_model"]:]
-        return shared
+from tftransfer.workers import LOST_PEER_ERRORS, Workers, lost_worker
 
 
 def distributed_fit(
@@ -347,104 +51,46 @@ def distributed_fit(
             and of each epoch (not of each batch); `on_epoch_end` gets `loss`,
             `accuracy`, `val_loss` and `val_accuracy` over all workers'
             examples, and setting `model.stop_training` stops after the epoch.
-        class_weight: Optional `{label: weight}`, as in `fit`.
+            Defaults to `None`.
+        class_weight: Optional `{label: weight}`, as in `fit`; it weighs the
+            training loss only. Defaults to `None`.
         verbose: `0` for silence; otherwise one line per epoch.
+            Defaults to `"auto"`.
         example_losses: Optional `(x, y, logits) -> {name: per-example
             losses}` (e.g. `Distiller.example_losses`): `"loss"` is minimized,
             every term is logged as its mean over the epoch's examples.
-            Defaults to `{"loss": sparse cross-entropy on logits}`.
+            Defaults to `None`: `{"loss": sparse cross-entropy on logits}`.
 
     Returns:
-        A `keras.callbacks.History`.
+        A `keras.callbacks.History`: per epoch, `accuracy`, each loss term
+        (`loss` first among them) and their `val_` counterparts, over all
+        workers' examples (masked padding excluded).
+
+    Raises:
+        WorkerError: across machines, another worker stopped during an epoch.
+
+    Example:
+
+    On one machine, with the default strategy:
+
+    >>> import numpy as np
+    >>> from tftransfer.train import compile_classifier
+    >>> from tftransfer.workers import Workers, make_strategy
+    >>> workers = Workers.of(make_strategy("default"))
+    >>> with workers.strategy.scope():
+    ...     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    ...     compile_classifier(model, 0.01)
+    >>> pixels, labels = np.zeros((6, 4), "float32"), np.array([0, 1, 0, 1, 0, 1])
+    >>> dataset = tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(4)
+    >>> batches = workers.lockstep(dataset, total=6, global_batch_size=4)
+    >>> [tuple(part.shape) for part in next(iter(batches))]  # (x, y, mask)
+    [(4, 4), (4,), (4,)]
+    >>> history = distributed_fit(workers, model, batches, batches, epochs=2,
+    ...                           verbose=0)
+    >>> sorted(history.history), history.epoch
+    (['accuracy', 'loss', 'val_accuracy', 'val_loss'], [0, 1])
     """
-    strategy = workers.strategy
-    optimizer = model.optimizer
-    weights = None
-    if class_weight:
-        weights = tf.constant(
-            [float(class_weight.get(i, 1.0)) for i in range(max(class_weight) + 1)],
-            "float32",
-        )
-    if example_losses is None:
-        cross_entropy = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=None
-        )
-
-        def example_losses(x, y, logits):
-            return {"loss": cross_entropy(y, logits)}
-
-    names = []  # The loss terms' names, in order, once the step is traced.
-
-    def sums(x, y, mask, training):
-        # Loss and accuracy of this replica's examples, as sums: reduced over all
-        # replicas they give the means over the global batch.
-        y = tf.cast(y, "int32")
-        count = tf.distribute.get_replica_context().all_reduce("sum", tf.reduce_sum(mask))
-        # Class weights weigh the training loss only, as in `fit`.
-        scale = mask if weights is None or not training else mask * tf.gather(weights, y)
-        logits = model(x, training=training)
-        terms = example_losses(x, y, logits)
-        names[:] = list(terms)
-        term_sums = [tf.reduce_sum(tf.cast(terms[name], "float32") * scale)
-                     for name in names]
-        # The mean over the global batch, as Keras' "sum_over_batch_size".
-        loss = term_sums[names.index("loss")] / tf.maximum(count, 1.0)
-        if training and model.losses:
-            # Regularization (e.g. a hub module's, or a Distiller's student's):
-            # each replica adds its share, the gradients' all-reduce sums them.
-            loss += tf.add_n([tf.cast(x, "float32") for x in model.losses]) / (
-                strategy.num_replicas_in_sync)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type="int32"), y),
-                          "float32")
-        return loss, tf.stack([*term_sums, tf.reduce_sum(correct * mask),
-                               tf.reduce_sum(mask)])
-
-    def train_replica(x, y, mask):
-        with tf.GradientTape() as tape:
-            loss, totals = sums(x, y, mask, training=True)
-            # Under mixed float16 the optimizer is a LossScaleOptimizer (Keras
-            # wraps it in `compile`): it scales here and unscales in `apply`.
-            scaled = optimizer.scale_loss(loss)
-        variables = model.trainable_variables
-        gradients = tape.gradient(scaled, variables)
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            # The LossScaleOptimizer skips a step when its replica's gradients
-            # overflow, judged before they are all-reduced: replicas could
-            # disagree, one skipping the all-reduce the others wait in. So an
-            # overflow anywhere makes every replica's gradients non-finite.
-            overflow = tf.cast(tf.logical_not(tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(g)) for g in gradients
-                 if g is not None])), "float32")
-            anywhere = tf.distribute.get_replica_context().all_reduce(
-                "sum", overflow) > 0
-            gradients = [None if g is None else
-                         g + tf.cast(tf.where(anywhere, float("nan"), 0.0), g.dtype)
-                         for g in gradients]
-        optimizer.apply(gradients, variables)
-        return totals
-
-    def test_replica(x, y, mask):
-        return sums(x, y, mask, training=False)[1]
-
-    @tf.function
-    def train_step(batch):
-        return strategy.reduce("sum", strategy.run(train_replica, args=batch), None)
-
-    @tf.function
-    def test_step(batch):
-        return strategy.reduce("sum", strategy.run(test_replica, args=batch), None)
-
-    def run_epoch(dataset, step):
-        """`{name: mean}` of the loss terms and accuracy, and the step count."""
-        totals, steps = 0.0, 0
-        for batch in strategy.experimental_distribute_dataset(dataset):
-            totals = totals + step(batch).numpy()  # Sized once `step` is traced.
-            steps += 1
-        if not steps:
-            return {}, 0
-        means = totals / max(totals[-1], 1.0)
-        return {"accuracy": means[-2], **dict(zip(names, means))}, steps
-
+    loop = _OwnLoop(workers.strategy, model, class_weight, example_losses)
     history = keras.callbacks.History()
     callback_list = keras.callbacks.CallbackList(
         [*(callbacks or []), history], model=model, epochs=epochs
@@ -454,8 +100,8 @@ def distributed_fit(
         callback_list.on_epoch_begin(epoch)
         start = time.perf_counter()
         try:
-            logs, steps = run_epoch(train, train_step)
-            validation_logs, _ = run_epoch(validation, test_step)
+            logs, steps = loop.run_epoch(train, loop.train_step)
+            validation_logs, _ = loop.run_epoch(validation, loop.test_step)
         except LOST_PEER_ERRORS as error:
             raise lost_worker(f"in epoch {epoch + 1}", error) from error
         logs.update({f"val_{name}": value for name, value in validation_logs.items()})
@@ -468,3 +114,108 @@ def distributed_fit(
             break
     callback_list.on_train_end()
     return history
+
+
+class _OwnLoop:
+    """The steps of `distributed_fit`: per-replica sums, all-reduced."""
+
+    def __init__(self, strategy, model, class_weight, example_losses):
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = model.optimizer
+        self.weights = None
+        if class_weight:
+            self.weights = tf.constant(
+                [float(class_weight.get(i, 1.0))
+                 for i in range(max(class_weight) + 1)], "float32")
+        if example_losses is None:
+            cross_entropy = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction=None)
+
+            def example_losses(x, y, logits):
+                return {"loss": cross_entropy(y, logits)}
+
+        self.example_losses = example_losses
+        self.names = []  # The loss terms' names, in order, once a step is traced.
+
+    def sums(self, x, y, mask, training):
+        """This replica's loss, and its sums of each term, of correct
+        predictions and of examples: reduced over all replicas they give the
+        means over the global batch."""
+        model, names = self.model, self.names
+        y = tf.cast(y, "int32")
+        count = tf.distribute.get_replica_context().all_reduce("sum", tf.reduce_sum(mask))
+        # Class weights weigh the training loss only, as in `fit`.
+        scale = (mask if self.weights is None or not training
+                 else mask * tf.gather(self.weights, y))
+        logits = model(x, training=training)
+        terms = self.example_losses(x, y, logits)
+        names[:] = list(terms)
+        term_sums = [tf.reduce_sum(tf.cast(terms[name], "float32") * scale)
+                     for name in names]
+        # The mean over the global batch, as Keras' "sum_over_batch_size".
+        loss = term_sums[names.index("loss")] / tf.maximum(count, 1.0)
+        if training and model.losses:
+            # Regularization (e.g. a hub module's, or a Distiller's student's):
+            # each replica adds its share, the gradients' all-reduce sums them.
+            loss += tf.add_n([tf.cast(x, "float32") for x in model.losses]) / (
+                self.strategy.num_replicas_in_sync)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type="int32"), y),
+                          "float32")
+        return loss, tf.stack([*term_sums, tf.reduce_sum(correct * mask),
+                               tf.reduce_sum(mask)])
+
+    def train_replica(self, x, y, mask):
+        with tf.GradientTape() as tape:
+            loss, totals = self.sums(x, y, mask, training=True)
+            # Under mixed float16 the optimizer is a LossScaleOptimizer (Keras
+            # wraps it in `compile`): it scales here and unscales in `apply`.
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.model.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            gradients = _agree_on_overflow(gradients)
+        self.optimizer.apply(gradients, variables)
+        return totals
+
+    def test_replica(self, x, y, mask):
+        return self.sums(x, y, mask, training=False)[1]
+
+    @tf.function
+    def train_step(self, batch):
+        strategy = self.strategy
+        return strategy.reduce("sum", strategy.run(self.train_replica, args=batch),
+                               None)
+
+    @tf.function
+    def test_step(self, batch):
+        strategy = self.strategy
+        return strategy.reduce("sum", strategy.run(self.test_replica, args=batch),
+                               None)
+
+    def run_epoch(self, dataset, step):
+        """`{name: mean}` of the loss terms and accuracy, and the step count."""
+        totals, steps = 0.0, 0
+        for batch in self.strategy.experimental_distribute_dataset(dataset):
+            totals = totals + step(batch).numpy()  # Sized once `step` is traced.
+            steps += 1
+        if not steps:
+            return {}, 0
+        means = totals / max(totals[-1], 1.0)
+        return {"accuracy": means[-2], **dict(zip(self.names, means))}, steps
+
+
+def _agree_on_overflow(gradients):
+    """Makes every replica's gradients non-finite when any replica's are.
+
+    The LossScaleOptimizer skips a step when its replica's gradients overflow,
+    judged before they are all-reduced: replicas could disagree, one skipping
+    the all-reduce the others wait in.
+    """
+    overflow = tf.cast(tf.logical_not(tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in gradients
+         if g is not None])), "float32")
+    anywhere = tf.distribute.get_replica_context().all_reduce("sum", overflow) > 0
+    return [None if g is None else
+            g + tf.cast(tf.where(anywhere, float("nan"), 0.0), g.dtype)
+            for g in gradients]

@@ -9,6 +9,10 @@ class TransferError(Exception):
     """Base class: a problem with the user's input, data, files or environment."""
 
 
+class SettingError(TransferError, ValueError):
+    """A setting (an argument, an option, `TF_CONFIG`) has a value that cannot work."""
+
+
 class DataError(TransferError, ValueError):
     """The image folder cannot be used as given (missing, empty, one class, ...)."""
 
@@ -28,6 +32,6 @@ class WorkerError(TransferError, RuntimeError):
 def check_choice(name: str, value, choices) -> None:
     """Raises `ValueError` naming `name`'s choices unless `value` is one of them."""
     if value not in choices:
-        raise ValueError(
+        raise SettingError(
             f"`{name}` must be one of {choices}. Received: {name}={value!r}"
         )

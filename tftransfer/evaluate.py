@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.data import check_image_file, scan_image_folder, walk_files
 from tftransfer.errors import DataError
+from tftransfer.folders import check_image_file, scan_image_folder, walk_files
 
 
 def resolve_saved_model(model_path: str) -> str:
@@ -31,8 +31,44 @@ def resolve_saved_model(model_path: str) -> str:
 class ServedModel:
     """A tftransfer SavedModel loaded with TensorFlow alone.
 
+    Predictions go through the SavedModel's `serving_default` signature with
+    the files' raw bytes, as a server would call it.
+
     Args:
-        model_path: A run folder or a SavedModel folder.
+        model_path: A run folder (holding `saved_model/`) or a SavedModel folder
+            written by `export_saved_model`.
+
+    Attributes:
+        path: The SavedModel folder.
+        class_names: The class names from its `assets/labels.txt`, in label
+            order.
+
+    Raises:
+        DataError: if `model_path` holds no SavedModel.
+        FileNotFoundError: if the SavedModel has no `assets/labels.txt` (it was
+            not written by `export_saved_model`).
+
+    Example:
+
+    >>> import os, tempfile, keras, tftransfer
+    >>> from tftransfer.demo import write_demo_images
+    >>> folder = tempfile.mkdtemp()
+    >>> data_dir = write_demo_images(os.path.join(folder, "data"),
+    ...                              images_per_class=4, image_size=32)
+    >>> model = keras.Sequential([keras.Input((32, 32, 3)),
+    ...                           keras.layers.GlobalAveragePooling2D(),
+    ...                           keras.layers.Dense(3)])
+    >>> export_dir = tftransfer.export_saved_model(
+    ...     model, os.path.join(folder, "saved_model"), ["desert", "forest", "ocean"])
+    >>> served = tftransfer.ServedModel(folder)  # The run folder will do.
+    >>> served.class_names
+    ['desert', 'forest', 'ocean']
+    >>> path = os.path.join(data_dir, "ocean", "ocean_000.jpg")
+    >>> probabilities = served.predict_files([path, path])
+    >>> probabilities.shape, probabilities.dtype
+    ((2, 3), dtype('float32'))
+    >>> bool(abs(probabilities.sum(axis=-1) - 1).max() < 1e-5)
+    True
     """
 
     def __init__(self, model_path: str):
@@ -46,7 +82,15 @@ class ServedModel:
     def predict_bytes(
         self, contents: Sequence[bytes], batch_size: int = 32
     ) -> np.ndarray:
-        """Returns class probabilities `(len(contents), num_classes)`."""
+        """Returns class probabilities of encoded images.
+
+        Args:
+            contents: Encoded JPEG, PNG, GIF, BMP or WebP images, as bytes.
+            batch_size: Images per call of the signature. Defaults to `32`.
+
+        Returns:
+            A float32 array `(len(contents), num_classes)`.
+        """
         outputs = []
         for start in range(0, len(contents), batch_size):
             batch = tf.constant(list(contents[start : start + batch_size]), tf.string)
@@ -56,6 +100,15 @@ class ServedModel:
         return np.concatenate(outputs)
 
     def predict_files(self, paths: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Returns class probabilities of image files, as `predict_bytes` does.
+
+        Args:
+            paths: Image files.
+            batch_size: Images per call of the signature. Defaults to `32`.
+
+        Returns:
+            A float32 array `(len(paths), num_classes)`.
+        """
         contents = []
         for path in paths:
             with open(path, "rb") as handle:
@@ -94,14 +147,50 @@ def classification_metrics(labels, predictions, class_names) -> dict:
 
 
 def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dict:
-    """Evaluates a served model on an image folder.
+    """Evaluates an exported SavedModel on an image folder, as it is served.
 
     Uses `test/` if `data_dir` has split folders (else `val/`/`validation/`), or
     every image when `data_dir` holds class folders directly. Class folders are
-    matched to the model's classes by name.
+    matched to the model's classes by name; the folder may lack some of them.
+    Unusable files are skipped and counted.
+
+    Args:
+        model_path: A run folder or a SavedModel folder (see `ServedModel`).
+        data_dir: An image folder, as `scan_image_folder` takes.
+        batch_size: Images per call of the model. Defaults to `32`.
 
     Returns:
-        `classification_metrics` plus `split`, `num_skipped` and `model`.
+        A dict: `accuracy`, `num_images`, `per_class` (each class's
+        `precision`, `recall`, `f1` and `support`) and `confusion_matrix`
+        (rows are true classes, columns predicted ones, in the model's class
+        order), plus `split` (`"test"`, `"validation"` or `"all"`),
+        `num_skipped` (unusable files of that split) and `model` (the
+        SavedModel folder).
+
+    Raises:
+        DataError: if `model_path` holds no SavedModel, if `data_dir` cannot be
+            used (see `scan_image_folder`), or if it has class folders that are
+            not classes of the model.
+
+    Example:
+
+    >>> import os, tempfile, keras, tftransfer
+    >>> from tftransfer.demo import write_demo_images
+    >>> folder = tempfile.mkdtemp()
+    >>> data_dir = write_demo_images(os.path.join(folder, "data"),
+    ...                              images_per_class=4, image_size=32)
+    >>> model = keras.Sequential([keras.Input((32, 32, 3)),
+    ...                           keras.layers.GlobalAveragePooling2D(),
+    ...                           keras.layers.Dense(3)])
+    >>> export_dir = tftransfer.export_saved_model(
+    ...     model, os.path.join(folder, "saved_model"), ["desert", "forest", "ocean"])
+    >>> result = tftransfer.evaluate_folder(export_dir, data_dir)
+    >>> result["split"], result["num_images"], result["num_skipped"]
+    ('all', 12, 0)
+    >>> sorted(result["per_class"])
+    ['desert', 'forest', 'ocean']
+    >>> [sum(row) for row in result["confusion_matrix"]]
+    [4, 4, 4]
     """
     served = ServedModel(model_path)
     folder = scan_image_folder(data_dir, validation_split=None)
@@ -129,11 +218,50 @@ def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dic
 
 
 def predict_paths(model_path: str, paths: Sequence[str], top_k: int = 1) -> list:
-    """Top-k predictions for image files (folders are searched for files).
+    """Top-k predictions of an exported SavedModel for image files.
+
+    Folders are searched recursively for files. Files that are missing or not
+    usable images get an `error` instead of predictions; they do not stop the
+    others.
+
+    Args:
+        model_path: A run folder or a SavedModel folder (see `ServedModel`).
+        paths: Image files and folders.
+        top_k: Number of classes returned per file, most probable first;
+            clipped to between 1 and the number of classes. Defaults to `1`.
 
     Returns:
-        One dict per file: `path`, and either `predictions` (a list of
-        `{"class_name", "probability"}`) or `error` when the file is unusable.
+        One dict per file, in order: `path`, and either `predictions` (a list of
+        `{"class_name": ..., "probability": ...}`) or `error` (why the file is
+        unusable, e.g. `"no such file"`).
+
+    Raises:
+        DataError: if `model_path` holds no SavedModel, or `paths` name no file.
+
+    Example:
+
+    >>> import os, tempfile, keras, tftransfer
+    >>> from tftransfer.demo import write_demo_images
+    >>> folder = tempfile.mkdtemp()
+    >>> data_dir = write_demo_images(os.path.join(folder, "data"),
+    ...                              images_per_class=4, image_size=32)
+    >>> model = keras.Sequential([keras.Input((32, 32, 3)),
+    ...                           keras.layers.GlobalAveragePooling2D(),
+    ...                           keras.layers.Dense(3)])
+    >>> export_dir = tftransfer.export_saved_model(
+    ...     model, os.path.join(folder, "saved_model"), ["desert", "forest", "ocean"])
+    >>> results = tftransfer.predict_paths(
+    ...     export_dir, [os.path.join(data_dir, "forest"), "missing.jpg"], top_k=2)
+    >>> len(results)
+    5
+    >>> [os.path.basename(result["path"]) for result in results[:2]]
+    ['forest_000.jpg', 'forest_001.jpg']
+    >>> [len(result["predictions"]) for result in results[:4]]
+    [2, 2, 2, 2]
+    >>> sorted(results[0]["predictions"][0])
+    ['class_name', 'probability']
+    >>> results[4]
+    {'path': 'missing.jpg', 'error': 'no such file'}
     """
     served = ServedModel(model_path)
     files = []

@@ -8,14 +8,14 @@ server would load it, and an existing model is only replaced by a complete one.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 
 from tftransfer.data import RESIZE_METHOD, decode_image
+from tftransfer.errors import RunFolderError
+from tftransfer.files import replace_atomically, write_atomically
 
 
 def _serving_outputs(model: keras.Model, pixels: tf.Tensor, class_names: tf.Tensor):
@@ -49,16 +49,37 @@ def export_saved_model(
     with `tf.saved_model.load` and TensorFlow Serving; tftransfer is not needed.
 
     Args:
-        model: A classifier taking pixels in 0..255 and returning logits.
+        model: A classifier taking square images of pixels in 0..255 and
+            returning logits.
         export_dir: Destination folder.
         class_names: Names of the model's classes, in label order.
         overwrite: Replace an existing `export_dir`. Defaults to `False`.
 
     Returns:
-        `export_dir`.
+        `export_dir`, made absolute.
 
     Raises:
         FileExistsError: if `export_dir` exists and `overwrite` is `False`.
+        ValueError: if `class_names` does not name each of the model's outputs.
+
+    Example:
+
+    >>> import os, tempfile, tensorflow as tf, tftransfer
+    >>> backbone = tftransfer.load_backbone("vgg16", weights=None, image_size=32)
+    >>> model = tftransfer.build_classifier(backbone, num_classes=3)
+    >>> export_dir = tftransfer.export_saved_model(
+    ...     model, os.path.join(tempfile.mkdtemp(), "saved_model"),
+    ...     ["desert", "forest", "ocean"])
+    >>> sorted(os.listdir(export_dir))
+    ['assets', 'fingerprint.pb', 'saved_model.pb', 'variables']
+    >>> served = tf.saved_model.load(export_dir)
+    >>> sorted(served.signatures)
+    ['serve_pixels', 'serving_default']
+    >>> image = tf.io.encode_png(tf.zeros([48, 64, 3], tf.uint8))
+    >>> outputs = served.signatures["serving_default"](
+    ...     image_bytes=tf.stack([image, image]))
+    >>> {name: tuple(value.shape) for name, value in sorted(outputs.items())}
+    {'class_ids': (2,), 'class_names': (2,), 'probabilities': (2, 3)}
     """
     export_dir = os.path.abspath(os.fspath(export_dir))
     _check_destination(export_dir, overwrite)
@@ -120,18 +141,23 @@ def export_saved_model(
         os.makedirs(os.path.join(tmp_dir, "assets"), exist_ok=True)
         write_labels(os.path.join(tmp_dir, "assets", "labels.txt"), class_names)
 
-    _write_atomically(export_dir, write)
+    replace_atomically(export_dir, write)
     return export_dir
 
 
 def write_labels(path: str, class_names: Sequence[str]) -> None:
     """Writes class names one per line, in label order (`labels.txt`)."""
-    with open(path, "w") as handle:
-        handle.write("".join(f"{name}\n" for name in class_names))
+    contents = "".join(f"{name}\n" for name in class_names)
+    write_atomically(path, lambda stream: stream.write(contents), text=True)
 
 
 def export_tflite(model: keras.Model, path: str, overwrite: bool = False) -> str:
-    """Writes a TFLite flatbuffer of `model` (pixels 0..255 in, logits out).
+    """Writes a TFLite (LiteRT) flatbuffer of `model`, inputs and outputs as is.
+
+    The file computes what `model` does: for a classifier from
+    `build_classifier`, float32 pixels in 0..255 in and logits out (no decoding,
+    resizing or softmax, unlike `export_saved_model`). It is written beside
+    `path` and renamed into place.
 
     Args:
         model: The classifier.
@@ -139,67 +165,35 @@ def export_tflite(model: keras.Model, path: str, overwrite: bool = False) -> str
         overwrite: Replace an existing file. Defaults to `False`.
 
     Returns:
-        `path`.
+        `path`, made absolute.
+
+    Raises:
+        FileExistsError: if `path` exists and `overwrite` is `False`.
+
+    Example:
+
+    >>> import os, tempfile, keras, tftransfer
+    >>> model = keras.Sequential([keras.Input((32, 32, 3)),
+    ...                           keras.layers.GlobalAveragePooling2D(),
+    ...                           keras.layers.Dense(3)])
+    >>> path = tftransfer.export_tflite(
+    ...     model, os.path.join(tempfile.mkdtemp(), "model.tflite"))
+    >>> os.path.basename(path)
+    'model.tflite'
+    >>> with open(path, "rb") as file:
+    ...     file.read(8)[4:]  # The TFLite file identifier.
+    b'TFL3'
     """
     path = os.path.abspath(os.fspath(path))
     _check_destination(path, overwrite)
-    _write_atomically(path, lambda tmp: model.export(tmp, format="litert",
+    replace_atomically(path, lambda tmp: model.export(tmp, format="litert",
                                                      verbose=False))
     return path
 
 
 def _check_destination(path: str, overwrite: bool) -> None:
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
+        raise RunFolderError(
             f"{path} exists already. Choose another destination or pass "
             "overwrite=True (--overwrite) to replace it."
         )
-
-
-def recover_interrupted(path: str) -> None:
-    """Cleans up after an export to `path` that was killed part-way.
-
-    Removes its temporary folders, and puts the previous export back if the kill
-    came in the instant between moving it aside and renaming the new one in.
-    """
-    parent, name = os.path.split(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        return
-    for entry in os.listdir(parent):
-        full = os.path.join(parent, entry)
-        if entry.startswith(f".{name}.partial-"):
-            shutil.rmtree(full, ignore_errors=True)
-        elif entry.startswith(f"{name}.old-"):
-            if not os.path.exists(path):
-                os.replace(full, path)
-            elif os.path.isdir(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                os.remove(full)
-
-
-def _write_atomically(path: str, write) -> None:
-    """Runs `write(tmp)` on a temporary path beside `path`, then renames it there."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    # Same base name, so writers that check the extension (LiteRT) accept it.
-    target = os.path.join(tmp, os.path.basename(path))
-    old = None
-    try:
-        write(target)
-        if os.path.exists(path):
-            old = path + f".old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(target, path)
-    except BaseException:
-        if old is not None and not os.path.exists(path):
-            os.replace(old, path)
-            old = None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(
-                old
-            )

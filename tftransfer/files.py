@@ -1,11 +1,23 @@
-"""Writing a file so that readers see the old contents or the new, never half."""
+"""Writing files and folders so that readers see the old contents or the new, never half.
+
+Two entry points, one scheme (write beside the destination, then rename over it):
+
+- `write_atomically(path, write)`: `write(stream)` fills a file (checkpoints,
+  cache entries, JSON, CSV).
+- `replace_atomically(path, write)`: `write(tmp_path)` writes a file or a folder
+  by its path (a SavedModel, a `.keras` file, a `.tflite` file); the previous
+  one is moved aside and removed only once the new one is in place, and
+  `recover_interrupted` puts it back after a kill in between.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 TEMPORARY_PREFIX = ".tmp-"
 # A temporary file this old is a killed writer's: no write takes an hour.
@@ -87,3 +99,72 @@ def sweep_temporaries(directory: str, older_than: float = STALE_SECONDS) -> int:
             except OSError:
                 pass
     return removed
+
+
+def write_json_atomically(path: str, payload) -> None:
+    """Writes `payload` as indented JSON through `write_atomically`."""
+    contents = json.dumps(payload, indent=2, default=str) + "\n"
+    write_atomically(path, lambda stream: stream.write(contents), text=True)
+
+
+def replace_atomically(path: str, write: Callable) -> str:
+    """Runs `write(tmp)` on a temporary path beside `path`, then renames it there.
+
+    For what is written by path rather than by stream: a folder (a SavedModel)
+    or a file a library insists on naming (`model.save`, a `.tflite`). The
+    temporary path has `path`'s base name, inside a hidden folder beside it, so
+    writers that check the extension accept it. A kill or an error leaves
+    `path` as it was (see `recover_interrupted` for a kill between moving the
+    old one aside and renaming the new one in).
+
+    Args:
+        path: The file or folder to write.
+        write: `callable(tmp_path)` that writes it.
+
+    Returns:
+        `path`.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    target = os.path.join(tmp, os.path.basename(path))
+    old = None
+    try:
+        write(target)
+        if os.path.isdir(path):
+            # A folder cannot be renamed over another: move the old one aside.
+            old = path + f".old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(target, path)
+    except BaseException:
+        if old is not None and not os.path.exists(path):
+            os.replace(old, path)
+            old = None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def recover_interrupted(path: str) -> None:
+    """Cleans up after a `replace_atomically(path, ...)` that was killed part-way.
+
+    Removes its temporary folders, and puts the previous folder back if the kill
+    came in the instant between moving it aside and renaming the new one in.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        full = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.partial-"):
+            shutil.rmtree(full, ignore_errors=True)
+        elif entry.startswith(f"{name}.old-"):
+            if not os.path.exists(path):
+                os.replace(full, path)
+            elif os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.remove(full)

@@ -22,7 +22,21 @@ def build_head(
             Defaults to `0.2`.
 
     Returns:
-        A `keras.Sequential` named `"head"`.
+        A `keras.Sequential` named `"head"`: `Dropout` then a `Dense` layer,
+        mapping `(batch, num_features)` to logits `(batch, num_classes)`.
+
+    Raises:
+        ValueError: if `num_classes` is less than 2 or `dropout` is not in
+            [0, 1).
+
+    Example:
+
+    >>> import tftransfer
+    >>> head = tftransfer.build_head(num_features=512, num_classes=3)
+    >>> head.input_shape, head.output_shape
+    ((None, 512), (None, 3))
+    >>> [layer.compute_dtype for layer in head.layers]
+    ['float32', 'float32']
     """
     if num_classes < 2:
         raise ValueError(f"`num_classes` must be at least 2. Received: {num_classes}")
@@ -41,26 +55,41 @@ def build_head(
 def build_classifier(
     backbone: keras.Model, num_classes: int, dropout: float = 0.2
 ) -> keras.Model:
-    """Joins a frozen backbone and a new classification head.
+    """Joins a backbone and a new classification head (from `build_head`).
+
+    The backbone is used as given, not copied and not frozen here: a backbone
+    from `load_backbone` is already frozen, so only the head trains until it is
+    unfrozen (see `unfreeze_top`).
 
     Args:
-        backbone: A model from `load_backbone`: pixels in 0..255 to features.
+        backbone: A model from `load_backbone`: pixels in 0..255 to features
+            `(batch, features)`.
         num_classes: Number of classes.
-        dropout: Dropout rate before the last layer. Defaults to `0.2`.
+        dropout: Dropout rate applied to the features before the last layer.
+            Defaults to `0.2`.
 
     Returns:
-        A `keras.Model` named `"classifier"` that takes float pixels in 0..255 of
-        the backbone's input shape and returns logits `(batch, num_classes)`. The
-        backbone is called with `training=False`, so its BatchNorm layers stay in
-        inference mode even when fine-tuned.
+        A `keras.Model` named `"classifier"` with layers `pixels`, `backbone` and
+        `head`, that takes float pixels in 0..255 of the backbone's input shape
+        and returns logits `(batch, num_classes)`. The backbone is called with
+        `training=False`, so its BatchNorm layers stay in inference mode even
+        when fine-tuned.
+
+    Raises:
+        ValueError: if `num_classes` is less than 2 or `dropout` is not in
+            [0, 1).
 
     Example:
 
-    >>> from tftransfer import load_backbone
-    >>> backbone = load_backbone("mobilenet_v2", weights=None, image_size=96, alpha=0.35)
-    >>> model = build_classifier(backbone, num_classes=3)
-    >>> model.output_shape
-    (None, 3)
+    >>> import tftransfer
+    >>> backbone = tftransfer.load_backbone("vgg16", weights=None, image_size=32)
+    >>> model = tftransfer.build_classifier(backbone, num_classes=3)
+    >>> model.input_shape, model.output_shape
+    ((None, 32, 32, 3), (None, 3))
+    >>> [layer.name for layer in model.layers]
+    ['pixels', 'backbone', 'head']
+    >>> len(model.trainable_weights)  # The head's kernel and bias.
+    2
     """
     head = build_head(backbone.output_shape[-1], num_classes, dropout)
     inputs = keras.Input(backbone.input_shape[1:], name="pixels")

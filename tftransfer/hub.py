@@ -72,17 +72,48 @@ def _accepts_training(function) -> bool:
 class HubFeatureExtractor(keras.layers.TFSMLayer):
     """A TF2 reusable SavedModel's `__call__` as a Keras 3 layer.
 
-    It passes `training` when the module's `__call__` takes it, exposes the
-    module's trainable variables when `trainable=True` (so fine-tuning updates
-    them), and adds the module's `regularization_losses` while training.
+    It passes `training` when the module's `__call__` takes it (and only while
+    the layer is trainable), exposes the module's trainable variables when
+    `trainable=True` (so fine-tuning updates them), and adds the module's
+    `regularization_losses` when called with `training=True` while trainable.
+    Hub image modules take float32 images in [0, 1]; `load_hub_backbone` wraps
+    this layer into a backbone that takes pixels in 0..255.
+
+    A model holding this layer runs an external SavedModel's graph, so Keras
+    loads it only with `keras.saving.load_model(..., safe_mode=False)`.
 
     Args:
-        handle: A TF-Hub / Kaggle Models URL or a local folder.
-        trainable: Defaults to `False`.
-        name: Defaults to `"hub"`.
+        handle: A TF-Hub / Kaggle Models URL (downloaded and cached by
+            `tensorflow_hub`) or a local SavedModel folder.
+        trainable: Whether fine-tuning updates the module's variables.
+            Defaults to `False`.
+        name: The layer's name. Defaults to `"hub"`.
+        **kwargs: Passed to `keras.layers.TFSMLayer` (e.g. `dtype`).
 
     Raises:
-        TransferError: the SavedModel has no `__call__`.
+        TransferError: if `handle` is neither a folder nor a URL, if a URL is
+            given and `tensorflow_hub` is not installed, or if the SavedModel
+            has no `__call__` (it is not a TF2 reusable SavedModel).
+        WeightsUnavailableError: if a URL cannot be fetched (offline, or an
+            unknown handle).
+
+    Example:
+
+    >>> import os, tempfile, numpy as np, tftransfer
+    >>> from tftransfer.hub import HubFeatureExtractor, export_backbone
+    >>> backbone = tftransfer.load_backbone("vgg16", weights=None, image_size=32)
+    >>> path = export_backbone(backbone, os.path.join(tempfile.mkdtemp(), "vgg16"))
+    >>> layer = HubFeatureExtractor(path)
+    >>> layer(np.zeros((2, 32, 32, 3), "float32")).shape
+    TensorShape([2, 512])
+    >>> layer.trainable, len(layer.trainable_weights)
+    (False, 0)
+
+    From TF-Hub (needs network access the first time):
+
+    >>> layer = HubFeatureExtractor(  # doctest: +SKIP
+    ...     "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+    ... )
     """
 
     def __init__(self, handle: str, trainable: bool = False, name: str = "hub",
@@ -213,15 +244,40 @@ def export_backbone(model: keras.Model, export_dir: str, overwrite: bool = False
     `variables`, `trainable_variables` and `regularization_losses`, so it loads
     as `hub:PATH` here and with `tensorflow_hub` elsewhere.
 
+    The folder is written beside `export_dir` and renamed into place, so an
+    interrupted export never leaves a half-written module there.
+
     Args:
-        model: A classifier from `build_classifier` (or a backbone).
+        model: A classifier from `build_classifier`, whose layer named
+            `"backbone"` is exported, or a backbone itself (any model taking
+            square images of pixels in 0..255).
         export_dir: Destination folder.
         overwrite: Replace an existing `export_dir`. Defaults to `False`.
 
     Returns:
-        `export_dir`.
+        `export_dir`, made absolute.
+
+    Raises:
+        FileExistsError: if `export_dir` exists and `overwrite` is `False`.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np, tensorflow as tf, tftransfer
+    >>> from tftransfer.hub import export_backbone
+    >>> backbone = tftransfer.load_backbone("vgg16", weights=None, image_size=32)
+    >>> model = tftransfer.build_classifier(backbone, num_classes=3)
+    >>> path = export_backbone(model, os.path.join(tempfile.mkdtemp(), "vgg16"))
+    >>> module = tf.saved_model.load(path)
+    >>> module(np.zeros((2, 32, 32, 3), "float32"), training=False).shape
+    TensorShape([2, 512])
+
+    It is then a backbone like any other, by its path:
+
+    >>> tftransfer.load_backbone("hub:" + path, image_size=32).output_shape
+    (None, 512)
     """
-    from tftransfer.export import _check_destination, _write_atomically
+    from tftransfer.export import _check_destination
+    from tftransfer.files import replace_atomically
 
     export_dir = os.path.abspath(os.fspath(export_dir))
     _check_destination(export_dir, overwrite)
@@ -248,5 +304,5 @@ def export_backbone(model: keras.Model, export_dir: str, overwrite: bool = False
     module.__call__ = call
     call.get_concrete_function(spec, False)
     call.get_concrete_function(spec, True)
-    _write_atomically(export_dir, lambda tmp: tf.saved_model.save(module, tmp))
+    replace_atomically(export_dir, lambda tmp: tf.saved_model.save(module, tmp))
     return export_dir

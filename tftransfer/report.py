@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tftransfer.data import ImageFolder
+from tftransfer.folders import ImageFolder
 
 
 def data_report(folder: ImageFolder) -> dict:
@@ -27,6 +27,7 @@ def data_report(folder: ImageFolder) -> dict:
     return {
         "data_dir": folder.root,
         "layout": folder.layout,
+        "notes": list(folder.notes),
         "class_names": folder.class_names,
         "counts": folder.counts(),
         "skipped": skipped,

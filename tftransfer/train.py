@@ -1,71 +1,27 @@
-"""The fine-tuning schedule: train the head on a frozen backbone, then its top.
+"""Fine-tuning a classifier from Python: `fine_tune`, and the pieces it is built of.
 
-The frozen phase trains the head on backbone features computed once per image
-instead of once per image per epoch: with the backbone frozen and no random
-augmentation the features never change, so the result is the same model the
-plain Keras recipe gives, at the cost of one forward pass.
+`fine_tune` runs the phase engine (`tftransfer.engine`) on a user's `tf.data`
+batches: the head on backbone features computed once per image instead of once
+per image per epoch (with the backbone frozen and no random augmentation the
+features never change, so the result is the model the plain Keras recipe gives,
+at the cost of one forward pass), then the top of the backbone at a lower rate.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.backbones import backbone_network
 from tftransfer.errors import check_choice
-
-# Keras warns on every `fit` over a dataset that its default `shuffle=True` is
-# ignored; our datasets shuffle themselves, so the warning only misleads.
-warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
-
-
-class HistoryCSV(keras.callbacks.Callback):
-    """Appends one row per finished epoch to a CSV file, flushed at once.
-
-    `keras.callbacks.CSVLogger` is not used because it has no column for the
-    training phase and fixes its columns from the first model it logs, while the
-    two phases here are two `fit` calls.
-
-    Args:
-        path: The CSV file; created with a header if missing, appended otherwise.
-        phase: Written in the `phase` column (`"head"` or `"fine_tune"`).
-    """
-
-    def __init__(self, path: str, phase: str):
-        super().__init__()
-        self.path = path
-        self.phase = phase
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        columns = None
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            with open(self.path, newline="") as handle:
-                columns = next(csv.reader(handle), None)
-        write_header = columns is None
-        if write_header:
-            columns = ["epoch", "phase", *sorted(logs)]
-        row = {"epoch": epoch + 1, "phase": self.phase, **logs}
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-            if write_header:
-                writer.writeheader()
-            writer.writerow(row)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-HEAD_LEARNING_RATE = 1e-2
-FINE_TUNE_LEARNING_RATE = 1e-4
-
-
-JIT_SETTINGS = ("auto", "on", "off")
+from tftransfer.graph import backbone_network
+from tftransfer.settings import (
+    FINE_TUNE_LEARNING_RATE,
+    HEAD_LEARNING_RATE,
+    JIT_SETTINGS,
+)
 
 
 def compile_classifier(model: keras.Model, learning_rate: float,
@@ -119,80 +75,31 @@ def jit_for(setting: str, model: keras.Model) -> bool:
     return any(isinstance(layer, keras.layers.Conv2D) for layer in layers)
 
 
-def compute_features(
-    backbone: keras.Model, dataset: tf.data.Dataset, verbose="auto",
-    jit_compile: bool = False,
-) -> tuple:
-    """Runs a frozen backbone once over a `(pixels, label)` dataset.
-
-    Streaming: the pipeline decodes the next batches while one goes through the
-    network, and only the features are kept. `jit_compile` compiles the forward
-    pass with XLA (see `jit_for`).
-
-    Returns:
-        `(features, labels)` as NumPy arrays.
-    """
-
-    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
-    def forward(pixels):
-        return backbone(pixels, training=False)
-
-    steps = int(dataset.cardinality())
-    bar = keras.utils.Progbar(
-        steps if steps > 0 else None,
-        unit_name="batch",
-        verbose=1 if verbose == "auto" else verbose,
-    )
-    features, labels = [], []
-    for step, (pixels, label) in enumerate(dataset, 1):
-        features.append(forward(pixels).numpy())
-        labels.append(label.numpy())
-        bar.update(step)
-    if not features:
-        raise ValueError("Cannot compute features of an empty dataset.")
-    return np.concatenate(features), np.concatenate(labels)
-
-
-def feature_dataset(features, labels, batch_size, shuffle=False, seed=0):
-    """Batches of precomputed `(features, labels)`, reshuffled each epoch if asked."""
-    dataset = tf.data.Dataset.from_tensor_slices((features, labels))
-    if shuffle:
-        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def train_head(
-    head: keras.Model,
-    train_features: tuple,
-    validation_features: tuple,
-    epochs: int,
-    batch_size: int = 32,
-    seed: int = 0,
-    callbacks: Optional[list] = None,
-    initial_epoch: int = 0,
-    class_weight: Optional[dict] = None,
-    verbose="auto",
-) -> keras.callbacks.History:
-    """Trains a compiled head on precomputed `(features, labels)` pairs.
-
-    `epochs` is the index of the last epoch, as in `fit`: training runs from
-    `initial_epoch` to `epochs`.
-    """
-    return head.fit(
-        feature_dataset(*train_features, batch_size, shuffle=True, seed=seed),
-        validation_data=feature_dataset(*validation_features, batch_size, False, seed),
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        callbacks=callbacks,
-        class_weight=class_weight,
-        verbose=verbose,
-    )
-
-
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict:
     """Weights `n / (k * n_c)` per class, so each class weighs the same in the loss.
 
-    The same rule as scikit-learn's `class_weight="balanced"`.
+    The same rule as scikit-learn's `class_weight="balanced"`: `n` training
+    labels, `k` classes, `n_c` labels of class `c`.
+
+    Args:
+        labels: The training labels, integers in `0..num_classes - 1`.
+        num_classes: The number of classes, `k`.
+
+    Returns:
+        A `{label: weight}` dict for every class, as `fit`'s (and
+        `fine_tune`'s) `class_weight` takes.
+
+    Raises:
+        ValueError: a class has no label in `labels`.
+
+    Example:
+
+    >>> balanced_class_weights([0, 0, 1, 1, 1, 1], num_classes=2)
+    {0: 1.5, 1: 0.75}
+    >>> balanced_class_weights([0, 0, 1], num_classes=3)
+    Traceback (most recent call last):
+    ...
+    ValueError: Every class needs a training image for balanced class weights. Received: counts per class [2, 1, 0]
     """
     counts = np.bincount(np.asarray(labels, "int64"), minlength=num_classes)
     if not counts.all():
@@ -208,10 +115,36 @@ def unfreeze_top(backbone: keras.Model, num_layers: int) -> int:
 
     BatchNormalization layers stay frozen: with few images their statistics would
     drift, and the backbone is called with `training=False` so they also keep
-    using their ImageNet moving averages.
+    using their ImageNet moving averages. The layers below the top are frozen.
+    A TF-Hub backbone is one layer: all of it is unfrozen, whatever
+    `num_layers`.
+
+    Args:
+        backbone: A model from `load_backbone` (alone or inside a
+            `build_classifier` model, which then trains the unfrozen layers).
+        num_layers: How many of the network's top layers to unfreeze, between
+            1 and the number of its layers (see `default_fine_tune_layers`).
 
     Returns:
         The number of layers that hold trainable weights after the change.
+
+    Raises:
+        ValueError: `num_layers` is not between 1 and the network's layers.
+
+    Example:
+
+    >>> from tftransfer import load_backbone
+    >>> backbone = load_backbone("vgg16", weights=None, image_size=32)
+    >>> len(backbone.trainable_weights)
+    0
+    >>> unfreeze_top(backbone, 4)  # Pooling layers hold no weights.
+    2
+    >>> len(backbone.trainable_weights)  # Two convolutions' kernels and biases.
+    4
+    >>> unfreeze_top(backbone, 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `num_layers` must be between 1 and 20 for vgg16. Received: num_layers=0
     """
     from tftransfer.hub import hub_layer
 
@@ -249,6 +182,38 @@ def default_fine_tune_layers(backbone: keras.Model) -> int:
     return max(1, round(0.3 * len(backbone_network(backbone).layers)))
 
 
+def compute_features(backbone: keras.Model, dataset: tf.data.Dataset, verbose="auto",
+                     jit_compile: bool = False) -> tuple:
+    """Runs a frozen backbone once over `(pixels, label)` batches.
+
+    Args:
+        backbone: A model from `load_backbone` (or any model on pixels).
+        dataset: Batches of `(pixels, label)`.
+        verbose: Unused; kept for compatibility. Defaults to `"auto"`.
+        jit_compile: Compile the forward pass with XLA (see `jit_for`).
+            Defaults to `False`.
+
+    Returns:
+        `(features, labels)` as NumPy arrays, in the dataset's order.
+
+    Example:
+
+    >>> import tensorflow as tf, numpy as np
+    >>> from tftransfer import load_backbone
+    >>> backbone = load_backbone("vgg16", weights=None, image_size=32)
+    >>> pixels = np.zeros((4, 32, 32, 3), "float32")
+    >>> dataset = tf.data.Dataset.from_tensor_slices((pixels, [0, 1, 0, 1])).batch(2)
+    >>> features, labels = compute_features(backbone, dataset)
+    >>> features.shape, labels.tolist()
+    ((4, 512), [0, 1, 0, 1])
+    """
+    from tftransfer.examples import DatasetExamples
+
+    examples = DatasetExamples({"train": dataset})
+    features, _ = examples.outputs(backbone, None, "train", jit_compile=jit_compile)
+    return features, examples.labels("train")
+
+
 def fine_tune(
     model: keras.Model,
     train: tf.data.Dataset,
@@ -258,22 +223,33 @@ def fine_tune(
     learning_rate: float = HEAD_LEARNING_RATE,
     fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE,
     fine_tune_layers: Optional[int] = None,
-    cache_features: bool = True,
+    callbacks: Optional[list] = None,
+    class_weight: Optional[dict] = None,
+    jit_compile: Union[str, bool] = "auto",
+    augment=None,
+    cache_features: Optional[bool] = None,
+    output: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    overwrite: bool = False,
+    class_names: Optional[list] = None,
     batch_size: int = 32,
     seed: int = 0,
-    callbacks_for=None,
-    class_weight: Optional[dict] = None,
-    jit: str = "auto",
     verbose="auto",
-) -> dict:
+) -> keras.callbacks.History:
     """Trains a `build_classifier` model: the head first, then the backbone's top.
 
-    To train on several GPUs, build `model` and call this under a
-    `tf.distribute.MirroredStrategy`'s `scope()` (see `make_strategy`).
+    The head trains on backbone features computed once per image; then, if
+    `fine_tune_epochs > 0`, the top `fine_tune_layers` layers of the backbone
+    are unfrozen (BatchNormalization stays frozen) and trained at
+    `fine_tune_learning_rate`, from cached activations of the frozen bottom
+    when there is a disk cache, then frozen again. To train on several GPUs,
+    build `model` and call this under a `tf.distribute.MirroredStrategy`'s
+    `scope()` (see `make_strategy`).
 
     Args:
         model: A classifier from `build_classifier`, its backbone frozen.
-        train: Training `(pixels, label)` batches.
+        train: Training `(pixels, label)` batches, pixels 0..255 at the model's
+            size. Without `augment`, each pass must give the same images.
         validation: Validation `(pixels, label)` batches.
         epochs: Epochs with the backbone frozen. Defaults to `5`.
         fine_tune_epochs: Epochs after unfreezing the top of the backbone.
@@ -281,81 +257,111 @@ def fine_tune(
         learning_rate: Adam learning rate of the head phase. Defaults to `1e-2`:
             a linear head on fixed features converges in a few epochs at this
             rate (on hymenoptera, 5 epochs: 0.915 mean val accuracy over 3 seeds,
-            against 0.873 at Keras' usual 1e-3), and epochs on cached features
-            cost almost nothing.
+            against 0.873 at Keras' usual 1e-3).
         fine_tune_learning_rate: Learning rate of the fine-tuning phase, low so
             that the pretrained weights move little. Defaults to `1e-4`.
         fine_tune_layers: How many of the network's top layers to unfreeze.
-            Defaults to `default_fine_tune_layers`.
-        cache_features: Train the head phase on features computed once. Must be
-            `False` when `train` is randomly augmented. Defaults to `True`.
-        batch_size: Batch size for training on features. Defaults to `32`.
-        seed: Shuffling seed for training on features. Defaults to `0`.
-        callbacks_for: Optional `callable(phase) -> list` of callbacks for the
-            `"head"` and `"fine_tune"` phases.
+            Defaults to `None`: the top 30% (`default_fine_tune_layers`).
+        callbacks: Keras callbacks for every phase's `fit`. In the head phase
+            their `model` is the head (trained on features). Defaults to `None`.
         class_weight: Optional `{label: weight}` for the loss, as in `fit`
             (see `balanced_class_weights`). Defaults to `None`.
-        jit: `"auto"`, `"on"` or `"off"`: whether each phase's steps are
-            compiled with XLA (see `jit_for`). Defaults to `"auto"`.
+        jit_compile: `"auto"`, `True` or `False`: compile each phase's steps
+            with XLA; `"auto"` where it was measured to pay (see `jit_for`).
+            Defaults to `"auto"`.
+        augment: `True` for random flips, rotations and zooms of the training
+            batches, or a callable (e.g. a `keras.Sequential` of random layers)
+            applied to them; the backbone then runs on every view, every epoch.
+            Defaults to `None`.
+        cache_features: Train the head on features computed once. Defaults to
+            `None`: yes, unless `augment`. `True` with `augment` is refused.
+        output: A run folder to write, as `tftransfer train` does: history.csv,
+            a checkpoint every epoch (the same call resumes after a kill),
+            `model.keras`, `saved_model/` and `metrics.json`. Defaults to `None`.
+        cache_dir: The on-disk feature cache. Defaults to `None`: the default
+            cache folder (`default_cache_dir()`) with `output`, else features
+            are kept in memory and fine-tuning runs on the images.
+        overwrite: With `output`: replace a finished run, or start an
+            unfinished one over. Defaults to `False`.
+        class_names: With `output`: the names written to `labels.txt` and
+            served. Defaults to `None`: `"0"`, `"1"`, ...
+        batch_size: Batch size of the datasets made from features.
+            Defaults to `32`.
+        seed: Shuffling seed for training on features. Defaults to `0`.
         verbose: Passed to `fit`. Defaults to `"auto"`.
 
     Returns:
-        The merged history: a dict of per-epoch metric lists over both phases.
+        A `keras.callbacks.History` over both phases: per-epoch metrics and a
+        `phase` entry (`"head"` or `"fine_tune"`) per epoch. `model` is left
+        compiled, so `model.evaluate` and `model.predict` work.
+
+    Raises:
+        ValueError: `cache_features=True` with `augment`, or a bad setting.
+        RunFolderError: `output` holds a finished run (without `overwrite`), an
+            unfinished run with other settings, or is in use.
+
+    Example:
+
+    >>> import tempfile
+    >>> import tftransfer
+    >>> from tftransfer.demo import write_demo_images
+    >>> folder = write_demo_images(tempfile.mkdtemp(), images_per_class=8,
+    ...                            image_size=32)
+    >>> data = tftransfer.image_folder_datasets(folder, image_size=32, batch_size=8)
+    >>> backbone = tftransfer.load_backbone("vgg16", weights=None, image_size=32)
+    >>> model = tftransfer.build_classifier(backbone, num_classes=3)
+    >>> history = fine_tune(model, data.train, data.validation, epochs=2,
+    ...                     verbose=0)
+    >>> history.history["phase"]
+    ['head', 'head']
+    >>> loss, accuracy = model.evaluate(data.validation, verbose=0)
     """
-    check_choice("jit", jit, JIT_SETTINGS)
-    backbone = model.get_layer("backbone")
-    head = model.get_layer("head")
-    callbacks_for = callbacks_for or (lambda phase: [])
-    history = {}
+    from tftransfer.engine import Engine, Schedule
+    from tftransfer.examples import DatasetExamples
 
-    def record(result):
-        for key, values in result.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
-
-    if epochs > 0:
+    jit = {True: "on", False: "off"}.get(jit_compile, jit_compile)
+    check_choice("jit_compile", jit, (*JIT_SETTINGS, True, False))
+    if augment is not None and augment is not False:
         if cache_features:
-            xla = jit_for(jit, backbone)
-            train_features = compute_features(backbone, train, verbose, xla)
-            validation_features = compute_features(backbone, validation, verbose, xla)
-            compile_classifier(head, learning_rate, jit_for(jit, head))
-            record(
-                train_head(
-                    head,
-                    train_features,
-                    validation_features,
-                    epochs,
-                    batch_size=batch_size,
-                    seed=seed,
-                    callbacks=callbacks_for("head"),
-                    class_weight=class_weight,
-                    verbose=verbose,
-                )
-            )
-        else:
-            compile_classifier(model, learning_rate, jit_for(jit, model))
-            record(
-                model.fit(
-                    train,
-                    validation_data=validation,
-                    epochs=epochs,
-                    callbacks=callbacks_for("head"),
-                    class_weight=class_weight,
-                    verbose=verbose,
-                )
-            )
-    if fine_tune_epochs > 0:
-        unfreeze_top(backbone, fine_tune_layers or default_fine_tune_layers(backbone))
-        compile_classifier(model, fine_tune_learning_rate, jit_for(jit, model))
-        record(
-            model.fit(
-                train,
-                validation_data=validation,
-                epochs=epochs + fine_tune_epochs,
-                initial_epoch=epochs,
-                callbacks=callbacks_for("fine_tune"),
-                class_weight=class_weight,
-                verbose=verbose,
-            )
-        )
-        backbone.trainable = False
+            raise ValueError(
+                "Feature caching and `augment` exclude each other: random views "
+                "change every epoch, so the backbone must run on each. Pass "
+                "cache_features=False (or leave it out) to augment. Received: "
+                "cache_features=True, augment=" + repr(augment))
+        if augment is True:
+            from tftransfer.run import augmentation_layers
+
+            augment = augmentation_layers(seed)
+        layers = augment
+        train = train.map(lambda x, y: (layers(x, training=True), y),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    augmented = augment not in (None, False) or cache_features is False
+    if cache_dir is None and output is not None:
+        from tftransfer.cache import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    schedule = Schedule(epochs, fine_tune_epochs, fine_tune_layers, learning_rate,
+                        fine_tune_learning_rate, batch_size, seed, jit,
+                        augment=augmented, cache_dir=cache_dir, verbose=verbose)
+    examples = DatasetExamples({"train": train, "validation": validation}, batch_size)
+    if output is None:
+        engine = Engine(model, examples, schedule, callbacks=callbacks,
+                        class_weight=class_weight)
+        history = engine.run()
+    else:
+        from tftransfer.run import run_in_folder
+
+        history, engine = run_in_folder(model, examples, schedule, output, overwrite,
+                                        callbacks, class_weight, class_names)
+    _leave_compiled(model, engine, schedule)
     return history
+
+
+def _leave_compiled(model: keras.Model, engine, schedule) -> None:
+    """Compiles `model` itself when its last phase trained another model."""
+    if getattr(model, "optimizer", None) is not None and model.compiled and (
+            schedule.fine_tune_epochs > 0 and not engine.from_activations):
+        return  # Fine-tuned on the images: `model` is compiled, its optimizer kept.
+    rate = (schedule.fine_tune_learning_rate if schedule.fine_tune_epochs
+            else schedule.learning_rate)
+    compile_classifier(model, rate, False)

@@ -1,0 +1,378 @@
+"""The phase engine: the two-phase schedule, written once for every entry point.
+
+`train_run`, `distill_run` and `fine_tune` each build a model and hand it to an
+`Engine` with a `Schedule`, the examples to read (`tftransfer.examples`) and a
+task saying what is trained:
+
+1. Head phase (`Schedule.epochs`): the backbone is frozen, so its output for an
+   image never changes; it is computed once (`Examples.outputs`, through the
+   on-disk cache) and the head trains on it. With augmentation the backbone
+   runs on every random view instead.
+2. Fine-tuning phase (`Schedule.fine_tune_epochs`): the top layers of the
+   backbone are unfrozen at a lower learning rate. The bottom's activations for
+   each image are cached (float16) when the graph can be cut at one tensor
+   below the unfrozen layers, and the top trains from them; otherwise on the
+   images.
+
+Every `fit` goes through `Engine.fit`, which resumes the optimizer state of a
+killed run, writes `history.csv` and the checkpoint when there is a run folder,
+calls the user's callbacks, and uses our own loop across machines
+(`distributed_fit`). A task (`ClassifierTask`, or distill's `DistillTask`)
+compiles the model each phase trains and may add per-example inputs (a
+teacher's logits); a new kind of training is a new task, not a new schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.backbones import ImagePreprocessing
+from tftransfer.cache import feature_cache_key, open_cache
+from tftransfer.checkpoint import restore_optimizer, restore_weights
+from tftransfer.distribute import distributed_fit
+from tftransfer.examples import SPLITS, feature_dataset, with_targets
+from tftransfer.graph import backbone_network, split_backbone
+from tftransfer.run_folder import HistoryCSV, RunFolder
+from tftransfer.settings import FINE_TUNE_LEARNING_RATE, HEAD_LEARNING_RATE
+from tftransfer.train import (
+    compile_classifier,
+    default_fine_tune_layers,
+    jit_for,
+    unfreeze_top,
+)
+from tftransfer.workers import Workers
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How a classifier is trained: the phases, their rates and their data.
+
+    Args:
+        epochs: Epochs with the backbone frozen.
+        fine_tune_epochs: Epochs with the top of the backbone unfrozen.
+            Defaults to `0`.
+        fine_tune_layers: Layers to unfreeze. Defaults to `None`: the top 30%.
+        learning_rate: Head-phase learning rate. Defaults to `1e-2`.
+        fine_tune_learning_rate: Fine-tuning learning rate. Defaults to `1e-4`.
+        batch_size: Defaults to `32`.
+        seed: Shuffling seed. Defaults to `0`.
+        jit: `"auto"`, `"on"` or `"off"` (see `jit_for`). Defaults to `"auto"`.
+        augment: The training images are randomly augmented: nothing is
+            cached. Defaults to `False`.
+        cache_dir: The on-disk cache, or `None` to keep features in memory
+            (and fine-tune on the images). Defaults to `None`.
+        verbose: Progress output. Defaults to `"auto"`.
+    """
+
+    epochs: int
+    fine_tune_epochs: int = 0
+    fine_tune_layers: Optional[int] = None
+    learning_rate: float = HEAD_LEARNING_RATE
+    fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
+    batch_size: int = 32
+    seed: int = 0
+    jit: str = "auto"
+    augment: bool = False
+    cache_dir: Optional[str] = None
+    verbose: object = "auto"
+
+    @property
+    def end(self) -> int:
+        return self.epochs + self.fine_tune_epochs
+
+
+class ClassifierTask:
+    """Trains the classifier itself, on sparse cross-entropy (`train`)."""
+
+    def prepare(self, engine: Engine) -> None:
+        """Runs before the phases (distillation computes the teacher's logits)."""
+
+    def extras(self, split: str) -> Optional[dict]:
+        """Per-example arrays fed beside the inputs, or `None`."""
+        return None
+
+    def training_model(self, network: keras.Model, phase: str, learning_rate: float,
+                       jit_compile: bool) -> keras.Model:
+        """`network` compiled for `phase`: the model `fit` trains."""
+        compile_classifier(network, learning_rate, jit_compile)
+        return network
+
+    def summary(self, engine: Engine) -> dict:
+        """What the task adds to the run's summary."""
+        return {}
+
+
+class Engine:
+    """Runs a `Schedule` on a `build_classifier` model: see the module docstring.
+
+    Args:
+        model: A classifier from `build_classifier` (layers `backbone`, `head`).
+        examples: A `FolderExamples` or `DatasetExamples`.
+        schedule: The `Schedule`.
+        task: What trains. Defaults to a `ClassifierTask`.
+        workers: This process's place in its strategy. Defaults to the
+            current strategy's.
+        run_folder: A locked `RunFolder` with its `checkpoint`, or `None`.
+        state: The checkpoint to resume from, or `None`.
+        callbacks: The user's Keras callbacks, passed to every `fit`.
+        class_weight: `{label: weight}`, as in `fit`, or `None`.
+    """
+
+    def __init__(self, model: keras.Model, examples, schedule: Schedule, task=None,
+                 workers: Optional[Workers] = None,
+                 run_folder: Optional[RunFolder] = None, state: Optional[dict] = None,
+                 callbacks=(), class_weight: Optional[dict] = None):
+        self.model = model
+        self.backbone = model.get_layer("backbone")
+        self.head = model.get_layer("head")
+        self.examples = examples
+        self.schedule = schedule
+        self.task = task or ClassifierTask()
+        self.workers = workers or Workers.of(tf.distribute.get_strategy())
+        self.run_folder = run_folder
+        self.state = state
+        self.callbacks = list(callbacks or [])
+        self.class_weight = class_weight
+        self.cache_dir = None if schedule.augment else schedule.cache_dir
+        self.stats = {}  # Per stage: cache hits, computed and rebuilt entries.
+        self.xla = {}  # Which stage ran with XLA, for the summary.
+        self.from_activations = False
+        self.history = keras.callbacks.History()
+        self.history.set_model(model)
+        self.history.history, self.history.epoch = {}, []
+
+    @property
+    def start(self) -> int:
+        """The last finished epoch: 0 for a new run."""
+        return self.state["epoch"] if self.state else 0
+
+    def say(self, message: str) -> None:
+        if self.schedule.verbose != 0:
+            print(message, flush=True)
+
+    def run(self) -> keras.callbacks.History:
+        """Trains both phases from the resume point; returns their `History`."""
+        with self.workers.strategy.scope():
+            if self.state is not None:
+                # Head-phase checkpoints hold the head only: the backbone is as built.
+                restore_weights(self.model, self.state)
+            self.task.prepare(self)
+            self.head_phase()
+            self.fine_tune_phase()
+        if self.run_folder is not None:  # Epochs before a resume included.
+            self.history.history = self.run_folder.history()
+            self.history.epoch = list(range(len(self.history.history.get("loss", []))))
+        return self.history
+
+    def head_phase(self) -> None:
+        """Trains the head with the backbone frozen, on features computed once."""
+        schedule = self.schedule
+        if self.start >= schedule.epochs:
+            return
+        if schedule.augment:  # New random views every epoch: no features to keep.
+            self.fit(self.model, "head", self.images("train", shuffle=True),
+                     self.images("validation"), schedule.epochs, self.model)
+            return
+        cache = self.open_cache(self.backbone)
+        self.say("Computing backbone features ...")
+        datasets = {}
+        for split in SPLITS:
+            features = self.outputs(self.backbone, cache, split, "forward")
+            indices = np.arange(len(features), dtype="int32")
+            datasets[split] = self.with_targets(
+                feature_dataset(features, indices, schedule.batch_size,
+                                shuffle=split == "train", seed=schedule.seed), split)
+        self.say_cache("Features", "forward", cache)
+        self.fit(self.head, "head", datasets["train"], datasets["validation"],
+                 schedule.epochs, self.head)
+
+    def fine_tune_phase(self) -> None:
+        """Unfreezes the top of the backbone and trains it at the lower rate."""
+        schedule = self.schedule
+        if schedule.fine_tune_epochs == 0 or self.start >= schedule.end:
+            return
+        num_layers = schedule.fine_tune_layers or default_fine_tune_layers(self.backbone)
+        unfreeze_top(self.backbone, num_layers)
+        network = self.model
+        activations = self.activations(num_layers)
+        if activations is None:
+            train, validation = self.images("train", shuffle=True), self.images("validation")
+        else:
+            cache, top = activations
+            shape = tuple(top.input.shape[1:])
+            train, validation = (
+                self.with_targets(cache.dataset(
+                    self.examples.digests(split),
+                    np.arange(len(self.examples.digests(split)), dtype="int32"),
+                    shape, schedule.batch_size, shuffle=split == "train",
+                    seed=schedule.seed), split)
+                for split in SPLITS)
+            inputs = keras.Input(shape, name="activations")
+            network = keras.Model(inputs, self.head(top(inputs, training=False)),
+                                  name="classifier_top")
+            self.from_activations = True
+        self.fit(network, "fine_tune", train, validation, schedule.end, self.model)
+        self.backbone.trainable = False
+
+    def activations(self, num_layers: int) -> Optional[tuple]:
+        """Caches the activations below the top `num_layers` layers.
+
+        Returns:
+            `(cache, top)`, or `None` to fine-tune on the images (no cache, a
+            graph that cannot be cut, or entries that could not be written).
+        """
+        if not self.cache_dir:
+            return None
+        cut = split_backbone(self.backbone, num_layers)
+        if cut is None:
+            self.say(f"The backbone's graph cannot be cut below its top {num_layers} "
+                     "layers; fine-tuning runs on the images.")
+            return None
+        bottom, top = cut
+        # float16 halves the disk and reads of activations, which are big.
+        cache = self.open_cache(bottom, dtype="float16",
+                                cut=[len(top.layers), list(top.input.shape)])
+        if cache is not None:
+            self.say(f"Computing activations below the top {num_layers} layers ...")
+            for split in SPLITS:
+                self.outputs(bottom, cache, split, "activations", keep=False)
+            if not all(os.path.exists(cache.path(digest)) for split in SPLITS
+                       for digest in self.examples.digests(split)):
+                self.say("Some activations could not be cached (a file changed, or "
+                         "the cache could not be written); fine-tuning runs on the "
+                         "images.")
+                cache = None
+            else:
+                self.say_cache("Activations", "activations", cache)
+        # Every worker must build the same model and take the same steps.
+        if not self.workers.everyone(cache is not None):
+            if cache is not None:
+                self.say("Another worker could not cache its activations; "
+                         "fine-tuning runs on the images.")
+            cache = None
+        return None if cache is None else (cache, top)
+
+    def open_cache(self, network: keras.Model, dtype: str = "float32", **extra):
+        """The cache of `network`'s outputs, or `None` (no cache, or unusable)."""
+        if not self.cache_dir:
+            return None
+        name, preprocessing = network_identity(self.backbone)
+        key = feature_cache_key(network, name, int(self.model.input_shape[1]),
+                                preprocessing, **extra)
+        return open_cache(self.cache_dir, key, dtype=dtype,
+                          verbose=self.schedule.verbose != 0)
+
+    def outputs(self, network, cache, split: str, stage: str, keep: bool = True,
+                **options):
+        """`network`'s outputs for a split's examples, counted under `stage`."""
+        compiled = options.pop("jit_compile", None)
+        if compiled is None:
+            compiled = jit_for(self.schedule.jit, network)
+        self.xla["forward" if stage == "activations" else stage] = compiled
+        outputs, stats = self.examples.outputs(
+            network, cache, split, keep=keep, jit_compile=compiled,
+            verbose=self.schedule.verbose, **options)
+        counts = self.stats.setdefault(stage, {})
+        for name, value in stats._asdict().items():
+            counts[name] = counts.get(name, 0) + value
+        return outputs
+
+    def say_cache(self, what: str, stage: str, cache) -> None:
+        counts = self.stats.get(stage, {})
+        where = f" (cache: {cache.directory})" if cache else " (no cache)"
+        self.say(f"{what}: {counts.get('hits', 0)} from cache, "
+                 f"{counts.get('computed', 0)} computed, "
+                 f"{counts.get('rebuilt', 0)} corrupt entries rebuilt{where}")
+
+    def with_targets(self, dataset: tf.data.Dataset, split: str) -> tf.data.Dataset:
+        """`(x, index)` batches to `(x, label)`, with the task's extra inputs."""
+        return with_targets(dataset, self.examples.labels(split), self.task.extras(split))
+
+    def images(self, split: str, shuffle: bool = False) -> tf.data.Dataset:
+        """Batches of the split's images, with the task's targets."""
+        if not getattr(self.examples, "indexed", False):
+            return self.examples.images(split, shuffle, self.task.extras(split))
+        count = len(self.examples.labels(split))
+        dataset = self.examples.images(split, shuffle,
+                                       targets=np.arange(count, dtype="int32"))
+        return self.with_targets(dataset, split)
+
+    def fit(self, network: keras.Model, phase: str, train, validation, end: int,
+            weights_model: keras.Model):
+        """Compiles `network` through the task and trains it up to epoch `end`.
+
+        Restores the optimizer state the same phase left in the checkpoint.
+        Each epoch appends its `history.csv` row, and the chief checkpoints
+        `weights_model` (what the phase changes), before the user's callbacks.
+        """
+        schedule, workers, state = self.schedule, self.workers, self.state
+        rate = (schedule.learning_rate if phase == "head"
+                else schedule.fine_tune_learning_rate)
+        # Across machines the training steps are our own, never compiled by XLA.
+        compiled = not workers.own_loop and jit_for(schedule.jit, network)
+        model = self.task.training_model(network, phase, rate, compiled)
+        self.xla[phase] = bool(model.jit_compile)
+        # Only the same phase trained on the same model (activations or images)
+        # left an optimizer state that fits.
+        if (state and state["phase"] == phase
+                and state.get("training_model") == model.name
+                and not restore_optimizer(model, state)):
+            self.say("warning: the optimizer state in the checkpoint does not fit; "
+                     "it starts afresh")
+        initial_epoch = max(self.start, schedule.epochs if phase == "fine_tune" else 0)
+        callbacks = []
+        if self.run_folder is not None:
+            callbacks.append(HistoryCSV(self.run_folder.history_path, phase))
+            if workers.is_chief:  # Only the chief's checkpoint is resumed from.
+                callbacks.append(self.run_folder.checkpoint.callback(
+                    weights_model, model, phase))
+        callbacks += self.callbacks
+        if not workers.own_loop:
+            # Our datasets shuffle themselves: `shuffle=False` says so to Keras.
+            result = model.fit(train, validation_data=validation, epochs=end,
+                               initial_epoch=initial_epoch, callbacks=callbacks,
+                               class_weight=self.class_weight, shuffle=False,
+                               verbose=schedule.verbose)
+        else:
+            totals, size = self.examples.totals, schedule.batch_size
+            result = distributed_fit(
+                workers, model, workers.lockstep(train, totals["train"], size),
+                workers.lockstep(validation, totals["validation"], size),
+                epochs=end, initial_epoch=initial_epoch, callbacks=callbacks,
+                class_weight=self.class_weight, verbose=schedule.verbose,
+                example_losses=getattr(model, "example_losses", None))
+        self._record(result, phase)
+        return result
+
+    def _record(self, result: keras.callbacks.History, phase: str) -> None:
+        history = self.history.history
+        epochs = len(result.epoch)
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        history.setdefault("phase", []).extend([phase] * epochs)
+        self.history.epoch.extend(result.epoch)
+
+
+def network_identity(backbone: keras.Model) -> tuple:
+    """`(name, preprocessing)` of a `load_backbone` model, for cache keys.
+
+    With the fingerprint of the weights (in `feature_cache_key`) they say what
+    computes a feature: the network and the pixel scaling before it.
+    """
+    from tftransfer.hub import hub_layer
+
+    preprocessing = next((layer.mode for layer in backbone.layers
+                          if isinstance(layer, ImagePreprocessing)), "none")
+    module = hub_layer(backbone)
+    if module is not None:
+        return f"hub:{module.handle}", preprocessing
+    try:
+        return backbone_network(backbone).name, preprocessing
+    except ValueError:
+        return backbone.name, preprocessing

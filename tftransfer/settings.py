@@ -1,0 +1,426 @@
+"""The settings of a run, in one place: Python's config classes and the CLI's flags.
+
+`RunConfig` holds what `train` and `distill` share; `TrainConfig` and
+`DistillConfig` add their own fields. Each field carries its help text and
+command-line form in its metadata, and `add_arguments` / `from_arguments`
+build the `argparse` options from them (as Hugging Face's `HfArgumentParser`
+does), so the command line and Python cannot drift apart.
+
+Every value is checked when the config is made, before any scan, download or
+model build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from typing import Optional
+
+from tftransfer.errors import DataError, check_choice
+
+HEAD_LEARNING_RATE = 1e-2
+FINE_TUNE_LEARNING_RATE = 1e-4
+PRECISIONS = ("auto", "off", "float16", "bfloat16")
+JIT_SETTINGS = ("auto", "on", "off")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+
+
+def setting(default=dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
+            metavar: Optional[str] = None, choices=None, cli_type=None,
+            positional: bool = False, required: bool = False, short=None,
+            resumable: bool = True, cli: bool = True, kw_only: bool = True):
+    """A config field with its command-line form.
+
+    Args:
+        default: The default value.
+        help: Help text; the CLI adds "(default: ...)".
+        flag: The option's name. Defaults to `--` plus the field name with
+            dashes. For a boolean defaulting to `True`, e.g. `--no-cache`.
+        metavar: Shown for the value in `--help`.
+        choices: The allowed values.
+        cli_type: Converts the command line's string.
+        positional: A positional argument rather than an option.
+        required: A required option.
+        short: A one-letter alias, e.g. `"-o"`.
+        resumable: Part of what must not change for a killed run to resume.
+        cli: Offered on the command line.
+        kw_only: Keyword-only in the config's constructor.
+    """
+    metadata = dict(help=help, flag=flag, metavar=metavar, choices=choices,
+                    cli_type=cli_type, positional=positional, required=required,
+                    short=short, resumable=resumable, cli=cli)
+    return dataclasses.field(default=default, metadata=metadata, kw_only=kw_only)
+
+
+def _weights(value: str):
+    return None if value.lower() == "none" else value
+
+
+def _class_weight(value: str):
+    return None if value.lower() == "none" else value
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Settings `train` and `distill` share; see `TrainConfig` and `DistillConfig`.
+
+    Not made itself: its subclasses add the network that trains. Each field's
+    help and command-line form are in its metadata; `check` runs on
+    construction, before any scan, download or model build. Without
+    `output`, the run folder is `saved_models/<data folder>-<network>`.
+
+    Example:
+
+    >>> import dataclasses, tempfile
+    >>> from tftransfer.demo import write_demo_images
+    >>> [field.name for field in dataclasses.fields(RunConfig)][:5]
+    ['data_dir', 'output', 'alpha', 'weights', 'image_size']
+    >>> data = write_demo_images(tempfile.mkdtemp(), images_per_class=4,
+    ...                          image_size=32)
+    >>> config = TrainConfig(data, backbone="vgg16", weights=None)
+    >>> isinstance(config, RunConfig), config.network, config.batch_size
+    (True, 'vgg16', 32)
+    >>> config.output == os.path.join(
+    ...     "saved_models", os.path.basename(data) + "-vgg16")
+    True
+    >>> TrainConfig(data, backbone="vgg16", epochs=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: Nothing to train: `epochs` and `fine_tune_epochs` are both 0. Received: epochs=0, fine_tune_epochs=0
+    """
+
+    data_dir: str = setting(
+        help="folder of class folders, or of train/ and val/ (or test/) folders "
+             "holding them", positional=True, metavar="DATA_DIR", kw_only=False)
+    output: Optional[str] = setting(
+        None, "run folder (default: saved_models/<data>-<backbone>)",
+        metavar="RUN_DIR", short="-o", resumable=False)
+    alpha: Optional[float] = setting(
+        None, "width multiplier of the MobileNet family", metavar="A",
+        cli_type=float)
+    weights: Optional[str] = setting(
+        "imagenet", "backbone weights: imagenet, none (random) or a weights file",
+        metavar="imagenet|none|PATH", cli_type=_weights)
+    image_size: Optional[int] = setting(
+        None, "image side in pixels (default: the backbone's)", metavar="N",
+        cli_type=int)
+    epochs: int = setting(5, "epochs with the backbone frozen", metavar="N",
+                          cli_type=int)
+    fine_tune_epochs: int = setting(
+        0, "epochs with the top of the backbone unfrozen", metavar="N", cli_type=int)
+    fine_tune_layers: Optional[int] = setting(
+        None, "layers of the backbone to unfreeze (default: the top 30%%)",
+        metavar="N", cli_type=int)
+    batch_size: int = setting(32, "examples per step", metavar="N", cli_type=int)
+    learning_rate: float = setting(
+        HEAD_LEARNING_RATE, "learning rate while the backbone is frozen",
+        metavar="LR", cli_type=float)
+    fine_tune_learning_rate: float = setting(
+        FINE_TUNE_LEARNING_RATE, "learning rate while the top of the backbone is "
+        "unfrozen", metavar="LR", cli_type=float)
+    validation_split: float = setting(
+        0.2, "held-out fraction when DATA_DIR has no val/ folder", metavar="F",
+        cli_type=float)
+    seed: int = setting(0, "split, shuffling and initialization seed", metavar="S",
+                        cli_type=int)
+    dropout: float = setting(0.2, "dropout rate before the head's last layer",
+                             metavar="F", cli_type=float)
+    cache_dir: Optional[str] = setting(
+        None, "feature cache folder (default: $TFTRANSFER_CACHE_DIR, else "
+        "~/.cache/tftransfer)", metavar="DIR", resumable=False)
+    cache: bool = setting(
+        True, "compute backbone outputs in memory, without the on-disk cache",
+        flag="--no-cache")
+    mixed_precision: str = setting(
+        "auto", "Keras dtype policy of the backbone; auto: float16 on GPUs with "
+        "Tensor Cores, off elsewhere", choices=PRECISIONS)
+    jit: str = setting(
+        "auto", "compile with XLA; auto: on GPUs, and on CPUs for networks without "
+        "depthwise convolutions, where it was measured to pay", choices=JIT_SETTINGS,
+        resumable=False)
+    strategy: str = setting(
+        "auto", "tf.distribute strategy; multi_worker trains on the machines "
+        "TF_CONFIG names, --batch-size being the global batch; auto: multi_worker "
+        "when TF_CONFIG names several, mirrored with several GPUs, else default",
+        choices=STRATEGIES, resumable=False)
+    overwrite: bool = setting(
+        False, "replace a finished run in RUN_DIR, or start an unfinished one over "
+        "instead of resuming it", resumable=False)
+    verbose: object = setting("auto", "progress output", cli=False, resumable=False)
+
+    backbone_field = "backbone"  # The field naming the network that trains.
+
+    @property
+    def network(self) -> str:
+        """The name of the backbone this run trains (`backbone` or `student`)."""
+        return getattr(self, self.backbone_field)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Checks every value; called on construction.
+
+        Raises:
+            ValueError: a value out of range or not among its choices.
+            TypeError: a value of the wrong type.
+        """
+        from tftransfer.backbones import get_backbone_spec
+
+        for name in ("epochs", "fine_tune_epochs"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.epochs + self.fine_tune_epochs == 0:
+            raise ValueError("Nothing to train: `epochs` and `fine_tune_epochs` "
+                             "are both 0. Received: epochs=0, fine_tune_epochs=0")
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        for name in ("learning_rate", "fine_tune_learning_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"`{name}` must be a number > 0. "
+                                 f"Received: {name}={value!r}")
+        if not 0.0 < self.validation_split < 1.0:
+            raise ValueError("`validation_split` must be between 0 and 1. "
+                             f"Received: validation_split={self.validation_split}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"`dropout` must be in [0, 1). Received: dropout={self.dropout}")
+        check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        check_choice("jit", self.jit, JIT_SETTINGS)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        if not os.path.isdir(self.data_dir):
+            raise DataError(
+                f"Data folder not found: {self.data_dir!r}. Expected a folder with "
+                "one sub-folder of images per class."
+            )
+        spec = get_backbone_spec(self.network)
+        setattr(self, self.backbone_field, spec.name)
+        if self.image_size is not None:
+            _check_int("image_size", self.image_size, minimum=spec.min_image_size)
+        if self.alpha is not None and not spec.has_alpha:
+            raise ValueError(f"`alpha` applies to the MobileNet family only, not "
+                             f"{spec.name}. Received: alpha={self.alpha}")
+        if self.fine_tune_layers is not None:
+            _check_fine_tune_layers(self.fine_tune_layers, spec, self.alpha)
+        if self.output is None:
+            data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
+            self.output = os.path.join("saved_models",
+                                       f"{data_name}-{self.default_output_name()}")
+
+    def default_output_name(self) -> str:
+        return safe_name(self.network)
+
+    def resume_settings(self) -> dict:
+        """The settings that must not change for a killed run to resume.
+
+        Also what every worker of a cluster must agree on. `output`, `jit`,
+        `strategy` and the like may change: a run may resume elsewhere.
+        """
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.metadata.get("resumable", True)}
+        settings["data_dir"] = os.path.abspath(self.data_dir)
+        return settings
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer. Received: {name}={value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}. Received: {name}={value}")
+
+
+def _check_fine_tune_layers(value, spec, alpha) -> None:
+    from tftransfer.graph import count_network_layers
+
+    _check_int("fine_tune_layers", value, minimum=1)
+    if spec.name.startswith("hub:"):
+        return  # One opaque layer: fine-tuning unfreezes all of it.
+    available = count_network_layers(spec.name, alpha)
+    if value > available:
+        raise ValueError(
+            f"`fine_tune_layers` must be at most {available}, the layers of "
+            f"{spec.name}. Received: fine_tune_layers={value}"
+        )
+
+
+def safe_name(name: str) -> str:
+    """A folder-name-safe form of a backbone name (`hub:` handles are URLs)."""
+    if name.startswith("hub:"):
+        name = "hub-" + os.path.basename(os.path.normpath(name[4:].rstrip("/")))
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+@dataclasses.dataclass
+class TrainConfig(RunConfig):
+    """Settings of `train_run`: the command line's `train` options.
+
+    Every field's help is in its metadata (`tftransfer train --help` shows it).
+    The fields of `RunConfig` (data, schedule, cache, precision, XLA, strategy,
+    run folder), plus:
+
+    Args:
+        backbone: A registered backbone name or `hub:HANDLE`. Defaults to
+            `"mobilenet_v2"`.
+        augment: Random flips, rotations and zooms of training images: the
+            backbone then runs on every image every epoch. Defaults to `False`.
+        class_weight: `"auto"` weighs each class's loss by the inverse of its
+            share of the training images; `None` leaves them equal.
+            Defaults to `None`.
+
+    Raises:
+        ValueError: a setting out of range, an unknown backbone, or more
+            `fine_tune_layers` than the network has.
+
+    Example:
+
+    >>> import tempfile
+    >>> from tftransfer.demo import write_demo_images
+    >>> data = write_demo_images(tempfile.mkdtemp(), images_per_class=4,
+    ...                          image_size=32)
+    >>> config = TrainConfig(data, backbone="vgg16", weights=None, image_size=32)
+    >>> config.epochs, config.learning_rate
+    (5, 0.01)
+    >>> TrainConfig(data, backbone="vgg16", fine_tune_layers=9999)
+    Traceback (most recent call last):
+    ...
+    ValueError: `fine_tune_layers` must be at most 19, the layers of vgg16. Received: fine_tune_layers=9999
+    """
+
+    backbone: str = setting(
+        "mobilenet_v2", "a registered backbone (see `tftransfer backbones`) or "
+        "hub:HANDLE", metavar="NAME")
+    augment: bool = setting(
+        False, "random flips, rotations and zooms while training (no feature cache)")
+    class_weight: Optional[str] = setting(
+        None, "auto: weigh each class's loss by the inverse of its share of the "
+        "training images; none: equal", choices=["auto", None],
+        cli_type=_class_weight, metavar="auto|none")
+
+    def check(self) -> None:
+        super().check()
+        from tftransfer.backbones import get_backbone_spec
+
+        if self.image_size is None:
+            self.image_size = get_backbone_spec(self.backbone).default_image_size
+        if self.class_weight not in (None, "auto"):
+            raise ValueError("`class_weight` must be 'auto' or None. "
+                             f"Received: class_weight={self.class_weight!r}")
+
+
+@dataclasses.dataclass
+class DistillConfig(RunConfig):
+    """Settings of `distill_run`: the command line's `distill` options.
+
+    The fields of `RunConfig`, with a head learning rate of `1e-3` (the
+    distillation loss is softer than cross-entropy), plus:
+
+    Args:
+        teacher: A run folder, `.keras` file or tftransfer SavedModel (see
+            `load_teacher`).
+        student: The student's backbone name. Defaults to `"mobilenet_v2"`.
+        temperature: Softens both distributions. Defaults to `3.0`.
+        student_loss_weight: Weight of the hard-label loss; `1 - w` goes to
+            matching the teacher. Defaults to `0.5`.
+        unsafe_deserialization: Load a `.keras` teacher whose backbone is a
+            hub module (which runs an external SavedModel's graph). Defaults
+            to `False`.
+
+    Raises:
+        ValueError: a setting out of range.
+        TransferError: no teacher model at `teacher`.
+
+    Example:
+
+    >>> import tempfile
+    >>> import keras
+    >>> from tftransfer.demo import write_demo_images
+    >>> data = write_demo_images(tempfile.mkdtemp(), images_per_class=4,
+    ...                          image_size=32)
+    >>> teacher = os.path.join(tempfile.mkdtemp(), "teacher.keras")
+    >>> keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).save(teacher)
+    >>> config = DistillConfig(data, teacher=teacher, student="vgg16",
+    ...                        weights=None)
+    >>> config.network, config.learning_rate, config.temperature
+    ('vgg16', 0.001, 3.0)
+    >>> config.output.endswith("-distilled-vgg16")
+    True
+    >>> DistillConfig(data, teacher=teacher, student="vgg16", temperature=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `temperature` must be > 0. Received: temperature=0
+    """
+
+    teacher: str = setting(
+        help="a run folder, a .keras file or a tftransfer SavedModel",
+        metavar="MODEL", required=True, kw_only=False, resumable=False)
+    student: str = setting("mobilenet_v2", "student backbone", metavar="NAME")
+    temperature: float = setting(3.0, "softens both distributions", metavar="T",
+                                 cli_type=float)
+    student_loss_weight: float = setting(
+        0.5, "weight of the hard-label loss; 1-W goes to matching the teacher",
+        metavar="W", cli_type=float)
+    learning_rate: float = setting(
+        1e-3, "learning rate while the student's backbone is frozen", metavar="LR",
+        cli_type=float)
+    unsafe_deserialization: bool = setting(
+        False, "load a .keras teacher whose backbone is a TF-Hub module: that runs "
+        "an external SavedModel's graph, so only for files you trust",
+        resumable=False)
+
+    backbone_field = "student"
+
+    def check(self) -> None:
+        super().check()
+        if not self.temperature > 0:
+            raise ValueError(
+                f"`temperature` must be > 0. Received: temperature={self.temperature}")
+        if not 0 <= self.student_loss_weight <= 1:
+            raise ValueError(
+                "`student_loss_weight` must be between 0 and 1. "
+                f"Received: student_loss_weight={self.student_loss_weight}")
+        from tftransfer.teacher import teacher_kind
+
+        teacher_kind(self.teacher)  # Raises when no teacher is there.
+
+    def default_output_name(self) -> str:
+        return f"distilled-{safe_name(self.network)}"
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+    """Adds an option (or argument) to `parser` for each field of `config_class`."""
+    for field in dataclasses.fields(config_class):
+        meta = field.metadata
+        if not meta.get("cli", False):
+            continue
+        default = None if field.default is dataclasses.MISSING else field.default
+        help_text = meta["help"]
+        if meta["positional"]:
+            parser.add_argument(field.name, metavar=meta["metavar"], help=help_text)
+            continue
+        names = [meta["flag"] or "--" + field.name.replace("_", "-")]
+        if meta["short"]:
+            names.append(meta["short"])
+        if field.type in (bool, "bool"):
+            action = "store_false" if default else "store_true"
+            parser.add_argument(*names, dest=field.name, action=action,
+                                default=default, help=help_text)
+            continue
+        choices = meta["choices"]
+        shown = default if default is not None or meta["required"] else None
+        if shown is not None and "(default" not in help_text:
+            help_text += f" (default: {shown})"
+        kwargs = dict(dest=field.name, default=default, help=help_text,
+                      metavar=meta["metavar"], required=meta["required"],
+                      type=meta["cli_type"])
+        if choices is not None and meta["cli_type"] is None:
+            kwargs["choices"] = choices
+        parser.add_argument(*names, **kwargs)
+
+
+def from_arguments(config_class, args: argparse.Namespace):
+    """The `config_class` instance for parsed command-line `args`."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+              if f.metadata.get("cli", False)}
+    return config_class(**values)
