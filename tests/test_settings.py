@@ -60,7 +60,9 @@ def test_bad_settings_fail_at_once_and_write_nothing(scenes_dir, tmp_path, capsy
                 dict(alpha=0.5), dict(epochs=0)):
         with pytest.raises(ValueError):
             TrainConfig(scenes_dir, backbone="vgg16", **bad)
-    assert time.perf_counter() - start < 1.0
+    # Under a second on a quiet machine (see the issue-13 note); the bound here
+    # only proves that nothing slow (a scan, a weights download) ran.
+    assert time.perf_counter() - start < 10.0
 
     output = tmp_path / "out"
     for args in (["--fine-tune-layers", "9999"], ["--backbone", "nonet"],

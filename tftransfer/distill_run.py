@@ -121,14 +121,14 @@ def distill_run(config: DistillConfig) -> RunResult:
     >>> import os, tempfile
     >>> from tftransfer import TrainConfig, train_run
     >>> from tftransfer.demo import write_demo_images
-    >>> data = write_demo_images(tempfile.mkdtemp(), images_per_class=8,
-    ...                          image_size=32)
+    >>> work = tempfile.mkdtemp()
+    >>> data = write_demo_images(os.path.join(work, "data"), 8, image_size=32)
     >>> teacher = train_run(TrainConfig(
-    ...     data, output=tempfile.mkdtemp() + "/teacher", backbone="vgg16",
+    ...     data, output=os.path.join(work, "teacher"), backbone="vgg16",
     ...     weights=None, image_size=32, epochs=2, verbose=0))
     >>> result = distill_run(DistillConfig(
     ...     data, teacher=teacher.path, student="vgg16", weights=None, epochs=2,
-    ...     verbose=0, output=tempfile.mkdtemp() + "/student"))
+    ...     verbose=0, output=os.path.join(work, "student")))
     >>> result.history.history["phase"]
     ['head', 'head']
     >>> sorted(key for key in result.history.history if "loss" in key)

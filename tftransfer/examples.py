@@ -229,7 +229,8 @@ def with_targets(dataset: tf.data.Dataset, labels: np.ndarray,
         inputs = {INPUTS: x, **{k: tf.gather(v, index) for k, v in extras.items()}}
         return inputs, tf.gather(labels, index)
 
-    return dataset.map(attach, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.map(attach, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE)
 
 
 def feature_dataset(features, targets, batch_size, shuffle=False, seed=0):
