@@ -124,3 +124,18 @@ def test_bad_registrations_are_refused(registry):
     with pytest.raises(ValueError, match="preprocessing"):
         register_backbone(BackboneSpec("mine", "VGG16", "bgr"))
     assert registry == before
+
+
+@pytest.mark.parametrize("name", backbone_names())
+def test_layer_counts_match_the_networks_load_backbone_builds(name):
+    """`fine_tune_layers` is checked against NUM_LAYERS without building: each
+    entry must be what `unfreeze_top` will count."""
+    from tftransfer.graph import NUM_LAYERS, backbone_network, count_network_layers
+
+    spec = get_backbone_spec(name)
+    # MobileNetV3 takes 0.75 or 1.0; the others any width.
+    alpha = (0.75 if name.startswith("mobilenet_v3") else 0.5) if spec.has_alpha else None
+    size = max(spec.min_image_size, 32)
+    built = len(backbone_network(load_backbone(name, None, size, alpha)).layers)
+    assert NUM_LAYERS[spec.constructor] == built
+    assert count_network_layers(name, alpha) == built

@@ -51,7 +51,7 @@ def test_parsed_options_make_the_config_python_would(scenes_dir):
 
 def test_bad_settings_fail_at_once_and_write_nothing(scenes_dir, tmp_path, capsys):
     start = time.perf_counter()
-    with pytest.raises(ValueError, match="at most 19"):
+    with pytest.raises(ValueError, match="at most 20"):
         TrainConfig(scenes_dir, backbone="vgg16", fine_tune_layers=9999)
     with pytest.raises(TransferError, match="No teacher model"):
         DistillConfig(scenes_dir, str(tmp_path / "no-teacher"))

@@ -86,20 +86,46 @@ def split_backbone(backbone: keras.Model, num_layers: int) -> Optional[tuple]:
     return None
 
 
+# Layers of each Keras Applications network as `load_backbone` builds it
+# (pooling included), the same for every `alpha`: building the larger ones only
+# to count them takes seconds, and a setting must be checked at once.
+# tests/test_backbones.py checks every entry against a real build.
+NUM_LAYERS = {
+    "ConvNeXtTiny": 134, "DenseNet121": 428, "EfficientNetB0": 238,
+    "EfficientNetB1": 340, "EfficientNetB2": 340, "EfficientNetB3": 385,
+    "EfficientNetV2B0": 271, "EfficientNetV2S": 514, "InceptionV3": 312,
+    "MobileNet": 87, "MobileNetV2": 155, "MobileNetV3Large": 188,
+    "MobileNetV3Small": 158, "ResNet101": 346, "ResNet50": 176,
+    "ResNet50V2": 191, "VGG16": 20, "VGG19": 23, "Xception": 133,
+}
+
+
 @functools.cache
 def count_network_layers(name: str, alpha: Optional[float] = None) -> int:
-    """How many layers the network of backbone `name` has (what `unfreeze_top`
-    counts), from its architecture alone: no weights are loaded.
+    """How many layers the network of backbone `name` has: what `unfreeze_top`
+    counts, and so the most `fine_tune_layers` can be.
+
+    Known networks are looked up in `NUM_LAYERS`; others are built from their
+    architecture alone (no weights), which can take seconds.
+
+    Args:
+        name: A registered backbone name.
+        alpha: The width multiplier, if any. Defaults to `None`.
+
+    Returns:
+        The number of layers.
 
     Example:
 
     >>> count_network_layers("vgg16")
-    19
+    20
     """
     spec = get_backbone_spec(name)
+    if spec.constructor in NUM_LAYERS:
+        return NUM_LAYERS[spec.constructor]
     size = max(spec.min_image_size, 32)
     kwargs = {"alpha": alpha} if alpha is not None else {}
     constructor = getattr(keras.applications, spec.constructor)
-    network = constructor(include_top=False, weights=None,
+    network = constructor(include_top=False, weights=None, pooling="avg",
                           input_shape=(size, size, 3), **kwargs)
     return len(network.layers)

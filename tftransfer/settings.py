@@ -285,7 +285,7 @@ class TrainConfig(RunConfig):
     >>> TrainConfig(data, backbone="vgg16", fine_tune_layers=9999)
     Traceback (most recent call last):
     ...
-    ValueError: `fine_tune_layers` must be at most 19, the layers of vgg16. Received: fine_tune_layers=9999
+    ValueError: `fine_tune_layers` must be at most 20, the layers of vgg16. Received: fine_tune_layers=9999
     """
 
     backbone: str = setting(
