@@ -77,6 +77,26 @@ def test_bad_settings_fail_at_once_and_write_nothing(scenes_dir, tmp_path, capsy
     assert not output.exists()
 
 
+def test_missing_weights_fail_before_the_scan(scenes_dir, tmp_path, monkeypatch):
+    import tftransfer.run
+    from tftransfer import WeightsUnavailableError, train_run
+
+    scanned = []
+    monkeypatch.setattr(tftransfer.run, "scan_image_folder",
+                        lambda *args, **kwargs: scanned.append(args))
+
+    def offline(*args, **kwargs):
+        raise WeightsUnavailableError("no network")
+
+    monkeypatch.setattr(tftransfer.run, "load_backbone", offline)
+    with pytest.raises(WeightsUnavailableError):
+        train_run(TrainConfig(scenes_dir, output=str(tmp_path / "run"),
+                              backbone="vgg16", verbose=0))
+    assert not scanned and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="no such file"):
+        TrainConfig(scenes_dir, backbone="vgg16", weights=str(tmp_path / "x.h5"))
+
+
 def test_a_bug_shows_its_traceback_and_says_so(monkeypatch, capsys):
     from tftransfer import cli
 

@@ -20,8 +20,7 @@ from tftransfer.data import RESIZE_METHOD
 from tftransfer.distill import TEACHER_LOGITS, Distiller
 from tftransfer.engine import Engine
 from tftransfer.examples import SPLITS
-from tftransfer.folders import ImageFolder
-from tftransfer.run import RunResult, execute, say
+from tftransfer.run import Declaration, RunResult, execute, say
 from tftransfer.settings import DistillConfig
 from tftransfer.teacher import Teacher, check_teacher, load_teacher
 
@@ -143,12 +142,14 @@ def distill_run(config: DistillConfig) -> RunResult:
     return execute(config, _declare_distill)
 
 
-def _declare_distill(config: DistillConfig, folder: ImageFolder, report: dict) -> tuple:
+def _declare_distill(config: DistillConfig) -> Declaration:
     teacher = load_teacher(config.teacher, safe_mode=not config.unsafe_deserialization)
-    check_teacher(teacher, folder.class_names, config.image_size)
+    check_teacher(teacher, None, config.image_size)
     image_size = (config.image_size or teacher.image_size
                   or get_backbone_spec(config.student).default_image_size)
     say(config, f"Teacher: {teacher.path}")
     task = DistillTask(teacher, config.temperature, config.student_loss_weight)
     # The same teacher wherever its file is, for resuming and for every worker.
-    return task, image_size, {"teacher": teacher.fingerprint}
+    return Declaration(task, image_size, {"teacher": teacher.fingerprint},
+                       lambda folder, report: check_teacher(
+                           teacher, folder.class_names, config.image_size))

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
@@ -95,11 +95,28 @@ def schedule_of(config: RunConfig) -> Schedule:
         verbose=config.verbose)
 
 
-def execute(config: RunConfig, declare: Callable) -> RunResult:
-    """Runs `config` with the task `declare(config, folder, report)` returns.
+class Declaration(NamedTuple):
+    """What a command declares to `execute`.
 
-    `declare` gives `(task, image_size, settings)`: what trains, the image
-    size, and settings beyond `config`'s that a resumed run must share. The
+    Attributes:
+        task: What trains (`ClassifierTask`, `DistillTask`).
+        image_size: The side images are resized to.
+        settings: Settings beyond the config's that a resumed run must share.
+        check_data: `callable(folder, report)` run once the images are
+            scanned, to refuse or warn about the data.
+    """
+
+    task: object
+    image_size: int
+    settings: dict
+    check_data: Callable
+
+
+def execute(config: RunConfig, declare: Callable) -> RunResult:
+    """Runs `config` with the `Declaration` that `declare(config)` returns.
+
+    The backbone is built before the images are scanned, so that missing
+    weights fail at once, not after a scan of the whole folder. The
     strategy is made first, since a multi-worker strategy must configure
     TensorFlow before it runs anything. The dtype policy of
     `config.mixed_precision` holds while the run builds and trains, and the
@@ -121,16 +138,18 @@ def execute(config: RunConfig, declare: Callable) -> RunResult:
 def _execute(config, declare, workers, run_folder, policy) -> RunResult:
     start = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
+    task, image_size, task_settings, check_data = declare(config)
+    with workers.strategy.scope():
+        backbone = load_backbone(config.network, config.weights, image_size,
+                                 config.alpha)
     folder, report = scan(config)
-    task, image_size, task_settings = declare(config, folder, report)
+    check_data(folder, report)
     everything = FolderExamples(folder, image_size, config.batch_size, config.seed,
                                 memory_budget=0)
     settings = {**config.resume_settings(), "data": everything.fingerprint(),
                 **task_settings}
     state = run_folder.resume_state(settings, workers, policy)
     with workers.strategy.scope():
-        backbone = load_backbone(config.network, config.weights, image_size,
-                                 config.alpha)
         model = build_classifier(backbone, len(folder.class_names), config.dropout)
     weights = config.weights if config.weights is not None else "none (random)"
     say(config, f"Backbone {config.network} ({backbone.count_params():,} parameters), "
@@ -421,11 +440,13 @@ def train_run(config: TrainConfig) -> RunResult:
     return execute(config, _declare_train)
 
 
-def _declare_train(config: TrainConfig, folder: ImageFolder, report: dict) -> tuple:
-    imbalance = class_imbalance(report)
-    if imbalance > IMBALANCE_WARNING:
-        advice = ("" if config.class_weight == "auto"
-                  else "; consider --class-weight auto (class_weight='auto')")
-        say(config, f"warning: the training classes are imbalanced "
-                    f"{imbalance:.1f}:1 (largest to smallest){advice}")
-    return ClassifierTask(), config.image_size, {}
+def _declare_train(config: TrainConfig) -> Declaration:
+    def check_data(folder: ImageFolder, report: dict) -> None:
+        imbalance = class_imbalance(report)
+        if imbalance > IMBALANCE_WARNING:
+            advice = ("" if config.class_weight == "auto"
+                      else "; consider --class-weight auto (class_weight='auto')")
+            say(config, f"warning: the training classes are imbalanced "
+                        f"{imbalance:.1f}:1 (largest to smallest){advice}")
+
+    return Declaration(ClassifierTask(), config.image_size, {}, check_data)

@@ -195,6 +195,11 @@ class RunConfig:
                 f"Data folder not found: {self.data_dir!r}. Expected a folder with "
                 "one sub-folder of images per class."
             )
+        if self.weights not in (None, "imagenet") and not os.path.isfile(
+                os.fspath(self.weights)):
+            raise ValueError(
+                "`weights` must be 'imagenet', None, or the path of an existing "
+                f"weights file. Received: weights={self.weights!r} (no such file)")
         spec = get_backbone_spec(self.network)
         setattr(self, self.backbone_field, spec.name)
         if self.image_size is not None:

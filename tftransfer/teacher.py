@@ -148,7 +148,7 @@ def _saved_model_teacher(path: str) -> Teacher:
                    signature.structured_outputs["probabilities"].shape[-1])
 
 
-def check_teacher(teacher: Teacher, class_names: list,
+def check_teacher(teacher: Teacher, class_names: Optional[list],
                   image_size: Optional[int]) -> None:
     """Refuses a teacher whose classes or input size do not fit the data.
 
@@ -156,13 +156,15 @@ def check_teacher(teacher: Teacher, class_names: list,
         DataError: other classes, or another number of outputs.
         TransferError: `image_size` differs from the teacher's input size.
     """
-    if teacher.class_names is not None and teacher.class_names != class_names:
+    if class_names is None:  # The data is not scanned yet: the size alone.
+        pass
+    elif teacher.class_names is not None and teacher.class_names != class_names:
         raise DataError(
             f"The teacher's classes {teacher.class_names} differ from the data's "
             f"class folders {class_names}. Distil on the data the teacher was "
             "trained for, with the same class folders."
         )
-    if teacher.num_classes is not None and teacher.num_classes != len(class_names):
+    elif teacher.num_classes is not None and teacher.num_classes != len(class_names):
         raise DataError(
             f"The teacher has {teacher.num_classes} outputs but the data has "
             f"{len(class_names)} classes ({class_names})."
