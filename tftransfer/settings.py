@@ -95,7 +95,8 @@ class RunConfig:
         help="folder of class folders, or of train/ and val/ (or test/) folders "
              "holding them", positional=True, metavar="DATA_DIR", kw_only=False)
     output: Optional[str] = setting(
-        None, "run folder (default: saved_models/<data>-<backbone>)",
+        None, "run folder (default: saved_models/<data>-<backbone>; for distill, "
+        "saved_models/<data>-distilled-<student>)",
         metavar="RUN_DIR", short="-o", resumable=False)
     alpha: Optional[float] = setting(
         None, "width multiplier of the MobileNet family", metavar="A",
