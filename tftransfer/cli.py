@@ -7,7 +7,7 @@ import json
 import sys
 import traceback
 
-from tftransfer.errors import DataError, SettingError, TransferError
+from tftransfer.errors import SettingError, TransferError
 
 
 def _add_json(parser):
@@ -182,27 +182,10 @@ def _predict(args):
 
 
 def _export_backbone(args):
-    import os
-
-    import keras
-
-    import tftransfer  # noqa: F401  (registers tftransfer's layers for loading)
     from tftransfer.hub import export_backbone
-    from tftransfer.teacher import UNSAFE_HINT
+    from tftransfer.run_folder import load_run_model
 
-    path = args.model
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.keras")
-    if not os.path.isfile(path):
-        raise DataError(f"No model at {args.model}: expected a run folder or a "
-                        ".keras file.")
-    try:
-        model = keras.saving.load_model(path, compile=False,
-                                        safe_mode=not args.unsafe_deserialization)
-    except ValueError as error:
-        if "safe_mode" not in str(error) and "safe mode" not in str(error):
-            raise
-        raise TransferError(f"Cannot load {path}. {UNSAFE_HINT}") from error
+    model = load_run_model(args.model, safe_mode=not args.unsafe_deserialization)
     output = export_backbone(model, args.output, overwrite=args.overwrite)
     return {"backbone": output}, [f"backbone SavedModel: {output}",
                                   f"reuse it with --backbone hub:{output}"]

@@ -27,7 +27,7 @@ from typing import Optional
 import keras
 
 from tftransfer.checkpoint import RunCheckpoint, truncate_history
-from tftransfer.errors import RunFolderError
+from tftransfer.errors import DataError, RunFolderError, TransferError
 from tftransfer.export import export_saved_model, write_labels
 from tftransfer.files import (
     recover_interrupted,
@@ -267,3 +267,39 @@ class RunFolder:
 def _remove(path: str) -> None:
     if os.path.exists(path):
         os.remove(path)
+
+
+UNSAFE_HINT = (
+    "Its backbone is a TF-Hub module, which runs an external SavedModel's graph, "
+    "so Keras' safe mode refuses to load it. If you trust the file, pass "
+    "--unsafe-deserialization (safe_mode=False / unsafe_deserialization=True)."
+)
+
+
+def load_run_model(path: str, safe_mode: bool = True) -> keras.Model:
+    """Loads the Keras model of a run folder, or a `.keras` file.
+
+    Args:
+        path: A run folder (holding `model.keras`) or a `.keras` file.
+        safe_mode: Keras' safe mode. A model whose backbone is a TF-Hub module
+            loads only with `False`, since it runs an external SavedModel's
+            graph. Defaults to `True`.
+
+    Returns:
+        The model, uncompiled: pixels 0..255 in, logits out.
+
+    Raises:
+        DataError: no model at `path`.
+        TransferError: the model needs `safe_mode=False`.
+    """
+    import tftransfer  # noqa: F401  (registers tftransfer's layers for loading)
+
+    model_file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
+    if not (model_file.endswith(".keras") and os.path.isfile(model_file)):
+        raise DataError(f"No model at {path}: expected a run folder or a .keras file.")
+    try:
+        return keras.saving.load_model(model_file, compile=False, safe_mode=safe_mode)
+    except ValueError as error:
+        if "safe_mode" not in str(error) and "safe mode" not in str(error):
+            raise
+        raise TransferError(f"Cannot load {model_file}. {UNSAFE_HINT}") from error

@@ -10,12 +10,7 @@ import keras
 import tensorflow as tf
 
 from tftransfer.errors import DataError, TransferError
-
-UNSAFE_HINT = (
-    "Its backbone is a TF-Hub module, which runs an external SavedModel's graph, "
-    "so Keras' safe mode refuses to load it. If you trust the file, pass "
-    "--unsafe-deserialization (safe_mode=False / unsafe_deserialization=True)."
-)
+from tftransfer.run_folder import load_run_model
 
 
 class Teacher(NamedTuple):
@@ -106,18 +101,15 @@ def load_teacher(path: str, safe_mode: bool = True) -> Teacher:
     if kind == "saved_model":
         return _saved_model_teacher(path)
     model_file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
-    import tftransfer  # noqa: F401  (registers ImagePreprocessing for loading)
-
+    saved_model = os.path.join(os.path.dirname(model_file), "saved_model")
     try:
-        model = keras.saving.load_model(model_file, compile=False, safe_mode=safe_mode)
-    except ValueError as error:
-        if "safe_mode" not in str(error):
-            raise
-        saved_model = os.path.join(os.path.dirname(model_file), "saved_model")
-        if os.path.isdir(saved_model):
+        model = load_run_model(model_file, safe_mode=safe_mode)
+    except TransferError:
+        # A hub backbone: a run folder's SavedModel serves the same model
+        # without running anything but TensorFlow's own graph.
+        if safe_mode and os.path.isdir(saved_model):
             return _saved_model_teacher(saved_model)
-        raise TransferError(f"Cannot load the teacher {model_file}. {UNSAFE_HINT}"
-                            ) from error
+        raise
     from tftransfer.cache import weights_fingerprint
 
     model.trainable = False
