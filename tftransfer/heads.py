@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import keras
+
+from tftransfer.backbones import load_backbone
 
 
 def build_head(
@@ -95,3 +99,43 @@ def build_classifier(
     inputs = keras.Input(backbone.input_shape[1:], name="pixels")
     features = backbone(inputs, training=False)
     return keras.Model(inputs, head(features), name="classifier")
+
+
+def plain_copy(model: keras.Model, backbone: str, image_size: int,
+               alpha: Optional[float], dropout: float) -> keras.Model:
+    """The trained classifier rebuilt outside any strategy, for saving.
+
+    `backbone`, `image_size`, `alpha` and `dropout` are those it was built with.
+
+    A model built under a strategy holds distributed variables; saving a plain
+    copy keeps the exported files free of them, and keeps the chief's saving
+    free of collective ops the other workers would have to join.
+    """
+    network = load_backbone(backbone, None, image_size, alpha)
+    copy = build_classifier(network, int(model.outputs[0].shape[-1]), dropout)
+    # Built the same way and frozen the same way, the two list their weights
+    # in the same order (names may differ: Keras numbers repeated layer names).
+    if [tuple(v.shape) for v in copy.weights] != [tuple(v.shape) for v in model.weights]:
+        raise RuntimeError("The classifier cannot be rebuilt for saving: its "
+                           "weights differ from a freshly built one's.")
+    for target, source in zip(copy.weights, model.weights):
+        target.assign(source.numpy())
+    return copy
+
+
+def evaluate_classifier(model: keras.Model, dataset) -> tuple:
+    """Loss and accuracy of `model` on `(pixels, label)` batches.
+
+    Not `model.evaluate`, which needs `compile`, and a compiled model would be
+    saved to `model.keras` with an optimizer it never used.
+    """
+    loss = keras.metrics.Mean()
+    accuracy = keras.metrics.SparseCategoricalAccuracy()
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None
+    )
+    for pixels, labels in dataset:
+        logits = model(pixels, training=False)
+        loss.update_state(cross_entropy(labels, logits))
+        accuracy.update_state(labels, logits)
+    return float(loss.result()), float(accuracy.result())

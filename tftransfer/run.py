@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -24,7 +24,7 @@ from tftransfer.data import DECODED_CACHE_BYTES
 from tftransfer.engine import ClassifierTask, Engine, Schedule, network_identity
 from tftransfer.examples import FolderExamples
 from tftransfer.folders import ImageFolder, scan_image_folder
-from tftransfer.heads import build_classifier
+from tftransfer.heads import build_classifier, evaluate_classifier, plain_copy
 from tftransfer.precision import dtype_policy_scope
 from tftransfer.report import class_imbalance, data_report, summarize_data
 from tftransfer.run_folder import RunFolder
@@ -301,46 +301,6 @@ def _compile_for_use(model: keras.Model, config: RunConfig) -> None:
 
     rate = config.fine_tune_learning_rate if config.fine_tune_epochs else config.learning_rate
     compile_classifier(model, rate, False)
-
-
-def plain_copy(model: keras.Model, backbone: str, image_size: int,
-               alpha: Optional[float], dropout: float) -> keras.Model:
-    """The trained classifier rebuilt outside any strategy, for saving.
-
-    `backbone`, `image_size`, `alpha` and `dropout` are those it was built with.
-
-    A model built under a strategy holds distributed variables; saving a plain
-    copy keeps the exported files free of them, and keeps the chief's saving
-    free of collective ops the other workers would have to join.
-    """
-    network = load_backbone(backbone, None, image_size, alpha)
-    copy = build_classifier(network, int(model.outputs[0].shape[-1]), dropout)
-    # Built the same way and frozen the same way, the two list their weights
-    # in the same order (names may differ: Keras numbers repeated layer names).
-    if [tuple(v.shape) for v in copy.weights] != [tuple(v.shape) for v in model.weights]:
-        raise RuntimeError("The classifier cannot be rebuilt for saving: its "
-                           "weights differ from a freshly built one's.")
-    for target, source in zip(copy.weights, model.weights):
-        target.assign(source.numpy())
-    return copy
-
-
-def evaluate_classifier(model: keras.Model, dataset) -> tuple:
-    """Loss and accuracy of `model` on `(pixels, label)` batches.
-
-    Not `model.evaluate`, which needs `compile`, and a compiled model would be
-    saved to `model.keras` with an optimizer it never used.
-    """
-    loss = keras.metrics.Mean()
-    accuracy = keras.metrics.SparseCategoricalAccuracy()
-    cross_entropy = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None
-    )
-    for pixels, labels in dataset:
-        logits = model(pixels, training=False)
-        loss.update_state(cross_entropy(labels, logits))
-        accuracy.update_state(labels, logits)
-    return float(loss.result()), float(accuracy.result())
 
 
 def run_in_folder(model, examples, schedule: Schedule, output: str, overwrite: bool,
