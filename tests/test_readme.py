@@ -21,3 +21,22 @@ def test_readme_python_example_runs(scenes_dir, tmp_path):
     assert history["val_accuracy"][-1] >= 0.85
     assert namespace["accuracy"] >= 0.85  # model.evaluate after fine_tune
     assert os.path.exists(tmp_path / "export" / "saved_model.pb")
+
+
+def test_readme_serving_example_runs(trained_run, scenes_dir):
+    """The Serving section's Python, in a process that imports TensorFlow alone."""
+    import subprocess
+    import sys
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## Serving"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"saved_models/flowers/saved_model"' in code and '"rose.jpg"' in code
+    image = os.path.join(scenes_dir, "forest", "forest_003.jpg")
+    code = code.replace('"saved_models/flowers/saved_model"',
+                        repr(os.path.join(trained_run, "saved_model")))
+    code = code.replace('"rose.jpg"', repr(image))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "b'forest'" in result.stdout
