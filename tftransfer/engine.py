@@ -295,13 +295,8 @@ class Engine:
         return with_targets(dataset, self.examples.labels(split), self.task.extras(split))
 
     def images(self, split: str, shuffle: bool = False) -> tf.data.Dataset:
-        """Batches of the split's images, with the task's targets."""
-        if not getattr(self.examples, "indexed", False):
-            return self.examples.images(split, shuffle, self.task.extras(split))
-        count = len(self.examples.labels(split))
-        dataset = self.examples.images(split, shuffle,
-                                       targets=np.arange(count, dtype="int32"))
-        return self.with_targets(dataset, split)
+        """Batches of the split's images, with the task's extra inputs."""
+        return self.examples.images(split, shuffle, self.task.extras(split))
 
     def fit(self, network: keras.Model, phase: str, train, validation, end: int,
             weights_model: keras.Model):

@@ -87,18 +87,22 @@ class FolderExamples:
                               size, cache, self.batch_size, keep=keep, verbose=verbose,
                               jit_compile=jit_compile)
 
-    def images(self, split: str, shuffle: bool = False, targets=None) -> tf.data.Dataset:
-        """`(pixels, target)` batches; targets default to the labels.
+    def images(self, split: str, shuffle: bool = False,
+               extras: Optional[dict] = None) -> tf.data.Dataset:
+        """`(pixels, label)` batches, or `({"inputs": pixels, **extras}, label)`.
 
         Training batches are augmented when the examples were made with
-        `augment`.
+        `augment`. `extras` are per-file arrays in file order (a teacher's
+        logits), which follow each file however it is shuffled.
         """
         paths = [f.path for f in self.folder.used(split)]
-        targets = self.labels(split) if targets is None else targets
-        return make_dataset(paths, targets, self.image_size, self.batch_size,
-                            shuffle=shuffle, seed=self.seed,
-                            augment=self.augment if split == "train" else None,
-                            keep_decoded=self._keep_decoded[split])
+        labels = self.labels(split)
+        targets = np.arange(len(paths), dtype="int32") if extras else labels
+        dataset = make_dataset(paths, targets, self.image_size, self.batch_size,
+                               shuffle=shuffle, seed=self.seed,
+                               augment=self.augment if split == "train" else None,
+                               keep_decoded=self._keep_decoded[split])
+        return with_targets(dataset, labels, extras) if extras else dataset
 
 
 class DatasetExamples:
@@ -198,9 +202,10 @@ class DatasetExamples:
         stats = CacheStats(hits, computed, rebuilt)
         return (np.stack(outputs) if keep else None), stats
 
-    def images(self, split: str, shuffle: bool = False, targets=None) -> tf.data.Dataset:
+    def images(self, split: str, shuffle: bool = False,
+               extras: Optional[dict] = None) -> tf.data.Dataset:
         """The user's own batches (already shuffled as the user chose)."""
-        if targets is not None:
+        if extras:
             raise ValueError("Extra per-example inputs need an image folder, not "
                              "tf.data batches.")
         return self.datasets[split]
