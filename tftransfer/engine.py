@@ -345,6 +345,27 @@ class Engine:
         self._record(result, phase)
         return result
 
+    def compile_for_use(self, model: Optional[keras.Model] = None) -> None:
+        """Leaves `model` compiled, so that `evaluate` and `predict` work.
+
+        Called once the model is saved (`model.keras` then holds no optimizer
+        it never used). A model fine-tuned on the images keeps its optimizer;
+        otherwise it gets Adam at the last phase's rate.
+
+        Args:
+            model: The trained classifier, or a plain copy of it. Defaults to
+                `None`: the engine's own.
+        """
+        model = model or self.model
+        trained_itself = (model is self.model and self.schedule.fine_tune_epochs > 0
+                          and not self.from_activations)
+        if trained_itself and model.compiled:
+            return
+        schedule = self.schedule
+        rate = (schedule.fine_tune_learning_rate if schedule.fine_tune_epochs
+                else schedule.learning_rate)
+        compile_classifier(model, rate, False)
+
     def _record(self, result: keras.callbacks.History, phase: str) -> None:
         history = self.history.history
         epochs = len(result.epoch)

@@ -125,14 +125,9 @@ def execute(config: RunConfig, declare: Callable) -> RunResult:
     workers = Workers.of(make_strategy(config.strategy))
     with dtype_policy_scope(config.mixed_precision) as policy, \
             workers.reporting_lost_peers():
-        run_folder = RunFolder(config.output, config.overwrite,
-                               None if workers.is_chief else workers.index)
-        run_folder.check()
-        run_folder.lock()
-        try:
+        worker = None if workers.is_chief else workers.index
+        with RunFolder(config.output, config.overwrite, worker) as run_folder:
             return _execute(config, declare, workers, run_folder, policy)
-        finally:
-            run_folder.release()
 
 
 def _execute(config, declare, workers, run_folder, policy) -> RunResult:
@@ -200,7 +195,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         "history": history.history,
     }
     run_folder.finish(summary)
-    _compile_for_use(model, config)
+    engine.compile_for_use(model)
     return RunResult(model, history, summary, run_folder.path)
 
 
@@ -295,14 +290,6 @@ def _worker_summary(config, workers, history, start, state, model) -> dict:
     }
 
 
-def _compile_for_use(model: keras.Model, config: RunConfig) -> None:
-    """Compiles the returned model (after it was saved without an optimizer)."""
-    from tftransfer.train import compile_classifier
-
-    rate = config.fine_tune_learning_rate if config.fine_tune_epochs else config.learning_rate
-    compile_classifier(model, rate, False)
-
-
 def run_in_folder(model, examples, schedule: Schedule, output: str, overwrite: bool,
                   callbacks, class_weight, class_names) -> tuple:
     """`fine_tune(..., output=)`: the engine with a run folder, as the CLI's.
@@ -311,10 +298,7 @@ def run_in_folder(model, examples, schedule: Schedule, output: str, overwrite: b
         `(History, Engine)`.
     """
     workers = Workers.of(tf.distribute.get_strategy())
-    run_folder = RunFolder(output, overwrite)
-    run_folder.check()
-    run_folder.lock()
-    try:
+    with RunFolder(output, overwrite) as run_folder:
         backbone = model.get_layer("backbone")
         settings = {
             **{k: v for k, v in dataclasses.asdict(schedule).items()
@@ -346,8 +330,6 @@ def run_in_folder(model, examples, schedule: Schedule, output: str, overwrite: b
             "history": history.history,
         })
         return history, engine
-    finally:
-        run_folder.release()
 
 
 def train_run(config: TrainConfig) -> RunResult:

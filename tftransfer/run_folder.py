@@ -120,6 +120,15 @@ class RunFolder:
         self._lock = None
         self._created = False
 
+    def __enter__(self) -> RunFolder:
+        """Checks and locks the folder (see `check` and `lock`)."""
+        self.check()
+        self.lock()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
     @property
     def history_path(self) -> str:
         return os.path.join(self.path, "history.csv")

@@ -353,15 +353,5 @@ def fine_tune(
 
         history, engine = run_in_folder(model, examples, schedule, output, overwrite,
                                         callbacks, class_weight, class_names)
-    _leave_compiled(model, engine, schedule)
+    engine.compile_for_use()
     return history
-
-
-def _leave_compiled(model: keras.Model, engine, schedule) -> None:
-    """Compiles `model` itself when its last phase trained another model."""
-    if getattr(model, "optimizer", None) is not None and model.compiled and (
-            schedule.fine_tune_epochs > 0 and not engine.from_activations):
-        return  # Fine-tuned on the images: `model` is compiled, its optimizer kept.
-    rate = (schedule.fine_tune_learning_rate if schedule.fine_tune_epochs
-            else schedule.learning_rate)
-    compile_classifier(model, rate, False)
