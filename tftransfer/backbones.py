@@ -309,27 +309,12 @@ def load_backbone(
     """
     spec = get_backbone_spec(name)
     image_size = int(image_size or spec.default_image_size)
+    weights = check_backbone_options(spec, image_size, alpha, weights)
     if spec.name.startswith(HUB_PREFIX):
         from tftransfer.hub import load_hub_backbone
 
-        if alpha is not None:
-            raise ValueError(f"`alpha` does not apply to hub backbones. "
-                             f"Received: alpha={alpha}")
         return load_hub_backbone(spec.name[len(HUB_PREFIX):], image_size)
-    if image_size < spec.min_image_size:
-        raise ValueError(
-            f"`image_size` must be at least {spec.min_image_size} for {spec.name}. "
-            f"Received: image_size={image_size}"
-        )
-    kwargs = {}
-    if alpha is not None:
-        if not spec.has_alpha:
-            raise ValueError(
-                f"`alpha` applies to the MobileNet family only, not {spec.name}. "
-                f"Received: alpha={alpha}"
-            )
-        kwargs["alpha"] = float(alpha)
-    weights = _check_weights(weights)
+    kwargs = {} if alpha is None else {"alpha": float(alpha)}
     constructor = getattr(keras.applications, spec.constructor)
 
     def build(size, weights):
@@ -390,7 +375,32 @@ def _offline_error(spec, weights, error) -> WeightsUnavailableError:
     return missing
 
 
-def _check_weights(weights):
+def check_backbone_options(spec: BackboneSpec, image_size: Optional[int],
+                           alpha: Optional[float], weights) -> Optional[str]:
+    """Checks what `load_backbone` is given, without building anything.
+
+    Returns:
+        `weights`, with `"none"` as `None`.
+
+    Raises:
+        ValueError: `alpha` for a network without it, an image smaller than
+            the network takes, or a weights file that does not exist.
+    """
+    if spec.name.startswith(HUB_PREFIX):  # Weights and size are the module's.
+        if alpha is not None:
+            raise ValueError(f"`alpha` does not apply to hub backbones. "
+                             f"Received: alpha={alpha}")
+        return weights
+    if alpha is not None and not spec.has_alpha:
+        raise ValueError(
+            f"`alpha` applies to the MobileNet family only, not {spec.name}. "
+            f"Received: alpha={alpha}"
+        )
+    if image_size is not None and image_size < spec.min_image_size:
+        raise ValueError(
+            f"`image_size` must be at least {spec.min_image_size} for {spec.name}. "
+            f"Received: image_size={image_size}"
+        )
     if weights is None or weights == "imagenet":
         return weights
     if isinstance(weights, str) and weights.lower() == "none":

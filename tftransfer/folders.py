@@ -284,17 +284,8 @@ def scan_image_folder(
     file's content and seed=0); test/ is the test split.
     >>> shutil.rmtree(tmp)
     """
+    check_folder_options(data_dir, validation_split)
     root = os.path.abspath(os.fspath(data_dir))
-    if not os.path.isdir(root):
-        raise DataError(
-            f"Data folder not found: {data_dir!r}. Expected a folder "
-            "with one sub-folder of images per class."
-        )
-    if validation_split is not None and not 0.0 < validation_split < 1.0:
-        raise ValueError(
-            "`validation_split` must be between 0 and 1. "
-            f"Received: validation_split={validation_split}"
-        )
     layout, class_names, sources, split_dirs, notes = _layout(
         root, data_dir, validation_split, seed)
     files = []
@@ -310,6 +301,25 @@ def scan_image_folder(
     folder = ImageFolder(root, class_names, files, layout, notes)
     _check_splits(folder, split_dirs, data_dir, validation_split)
     return folder
+
+
+def check_folder_options(data_dir: str, validation_split: Optional[float]) -> None:
+    """Checks what `scan_image_folder` is given, without reading any file.
+
+    Raises:
+        DataError: `data_dir` is not a folder.
+        ValueError: `validation_split` is not between 0 and 1.
+    """
+    if not os.path.isdir(os.fspath(data_dir)):
+        raise DataError(
+            f"Data folder not found: {data_dir!r}. Expected a folder "
+            "with one sub-folder of images per class."
+        )
+    if validation_split is not None and not 0.0 < validation_split < 1.0:
+        raise ValueError(
+            "`validation_split` must be between 0 and 1. "
+            f"Received: validation_split={validation_split}"
+        )
 
 
 def _layout(root: str, data_dir: str, validation_split, seed: int) -> tuple:

@@ -18,7 +18,7 @@ import os
 import re
 from typing import Optional
 
-from tftransfer.errors import DataError, check_choice
+from tftransfer.errors import check_choice
 
 HEAD_LEARNING_RATE = 1e-2
 FINE_TUNE_LEARNING_RATE = 1e-4
@@ -168,7 +168,8 @@ class RunConfig:
             ValueError: a value out of range or not among its choices.
             TypeError: a value of the wrong type.
         """
-        from tftransfer.backbones import get_backbone_spec
+        from tftransfer.backbones import check_backbone_options, get_backbone_spec
+        from tftransfer.folders import check_folder_options
 
         for name in ("epochs", "fine_tune_epochs"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -182,32 +183,18 @@ class RunConfig:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"`{name}` must be a number > 0. "
                                  f"Received: {name}={value!r}")
-        if not 0.0 < self.validation_split < 1.0:
-            raise ValueError("`validation_split` must be between 0 and 1. "
-                             f"Received: validation_split={self.validation_split}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 f"`dropout` must be in [0, 1). Received: dropout={self.dropout}")
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         check_choice("jit", self.jit, JIT_SETTINGS)
         check_choice("strategy", self.strategy, STRATEGIES)
-        if not os.path.isdir(self.data_dir):
-            raise DataError(
-                f"Data folder not found: {self.data_dir!r}. Expected a folder with "
-                "one sub-folder of images per class."
-            )
-        if self.weights not in (None, "imagenet") and not os.path.isfile(
-                os.fspath(self.weights)):
-            raise ValueError(
-                "`weights` must be 'imagenet', None, or the path of an existing "
-                f"weights file. Received: weights={self.weights!r} (no such file)")
+        check_folder_options(self.data_dir, self.validation_split)
         spec = get_backbone_spec(self.network)
         setattr(self, self.backbone_field, spec.name)
         if self.image_size is not None:
-            _check_int("image_size", self.image_size, minimum=spec.min_image_size)
-        if self.alpha is not None and not spec.has_alpha:
-            raise ValueError(f"`alpha` applies to the MobileNet family only, not "
-                             f"{spec.name}. Received: alpha={self.alpha}")
+            _check_int("image_size", self.image_size, minimum=1)
+        check_backbone_options(spec, self.image_size, self.alpha, self.weights)
         if self.fine_tune_layers is not None:
             _check_fine_tune_layers(self.fine_tune_layers, spec, self.alpha)
         if self.output is None:
