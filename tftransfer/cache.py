@@ -263,7 +263,7 @@ def open_cache(directory: Optional[str], key: dict, dtype: str = "float32",
 
 
 def _store(cache: FeatureCache, path: str, digest: str, value) -> Optional[FeatureCache]:
-    """Stores one entry; returns the cache, or `None` once it cannot be written.
+    """`store_or_drop` of a file's output, if the file is still what was scanned.
 
     The file is hashed again first: one edited since the scan would otherwise
     leave the new image's features under the old content's key, for good.
@@ -272,15 +272,30 @@ def _store(cache: FeatureCache, path: str, digest: str, value) -> Optional[Featu
         with open(path, "rb") as handle:
             if hashlib.sha256(handle.read()).hexdigest() != digest:
                 return cache  # Changed since the scan: not cached, used this once.
+    except OSError as error:
+        return _dropped(cache, error)
+    return store_or_drop(cache, digest, value)
+
+
+def store_or_drop(cache: Optional[FeatureCache], digest: str,
+                  value) -> Optional[FeatureCache]:
+    """Stores one entry; returns the cache, or `None` once it cannot be written
+    (with one warning: the run goes on without it)."""
+    if cache is None:
+        return None
+    try:
         cache.store(digest, value)
         return cache
     except OSError as error:
-        warnings.warn(
-            f"The feature cache {cache.directory} could not be written "
-            f"({error.strerror or error}); the run goes on without it.",
-            stacklevel=3,
-        )
-        return None
+        return _dropped(cache, error)
+
+
+def _dropped(cache: FeatureCache, error: OSError) -> None:
+    warnings.warn(
+        f"The feature cache {cache.directory} could not be written "
+        f"({error.strerror or error}); the run goes on without it.",
+        stacklevel=4,
+    )
 
 
 class CacheStats(NamedTuple):

@@ -17,13 +17,12 @@ resuming.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.cache import CacheStats, FeatureCache, cached_outputs
+from tftransfer.cache import CacheStats, FeatureCache, cached_outputs, store_or_drop
 from tftransfer.data import DECODED_CACHE_BYTES, make_dataset
 from tftransfer.folders import ImageFolder
 
@@ -191,7 +190,7 @@ class DatasetExamples:
                 if array is None:
                     computed += 1
                     array = values[index]
-                    cache = _store(cache, batch[index], array)
+                    cache = store_or_drop(cache, batch[index], array)
                 else:
                     hits += 1
                 if keep:
@@ -213,20 +212,6 @@ class DatasetExamples:
 
 def _digest(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image, "float32").tobytes()).hexdigest()
-
-
-def _store(cache: Optional[FeatureCache], digest: str, value) -> Optional[FeatureCache]:
-    """Stores one entry; returns the cache, or `None` once it cannot be written."""
-    if cache is None:
-        return None
-    try:
-        cache.store(digest, value)
-        return cache
-    except OSError as error:
-        warnings.warn(f"The feature cache {cache.directory} could not be written "
-                      f"({error.strerror or error}); the run goes on without it.",
-                      stacklevel=3)
-        return None
 
 
 def with_targets(dataset: tf.data.Dataset, labels: np.ndarray,
