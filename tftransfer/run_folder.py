@@ -285,6 +285,12 @@ UNSAFE_HINT = (
 )
 
 
+def model_file(path: str) -> Optional[str]:
+    """The `.keras` file of a run folder or the `.keras` file itself, or `None`."""
+    path = os.path.join(path, "model.keras") if os.path.isdir(path) else path
+    return path if path.endswith(".keras") and os.path.isfile(path) else None
+
+
 def load_run_model(path: str, safe_mode: bool = True) -> keras.Model:
     """Loads the Keras model of a run folder, or a `.keras` file.
 
@@ -303,12 +309,12 @@ def load_run_model(path: str, safe_mode: bool = True) -> keras.Model:
     """
     import tftransfer  # noqa: F401  (registers tftransfer's layers for loading)
 
-    model_file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
-    if not (model_file.endswith(".keras") and os.path.isfile(model_file)):
+    file = model_file(path)
+    if file is None:
         raise DataError(f"No model at {path}: expected a run folder or a .keras file.")
     try:
-        return keras.saving.load_model(model_file, compile=False, safe_mode=safe_mode)
+        return keras.saving.load_model(file, compile=False, safe_mode=safe_mode)
     except ValueError as error:
         if "safe_mode" not in str(error) and "safe mode" not in str(error):
             raise
-        raise TransferError(f"Cannot load {model_file}. {UNSAFE_HINT}") from error
+        raise TransferError(f"Cannot load {file}. {UNSAFE_HINT}") from error

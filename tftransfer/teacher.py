@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from tftransfer.errors import DataError, TransferError
-from tftransfer.run_folder import load_run_model
+from tftransfer.run_folder import load_run_model, model_file
 
 
 class Teacher(NamedTuple):
@@ -33,8 +33,7 @@ def teacher_kind(path: str) -> str:
             SavedModel folder.
     """
     path = os.path.abspath(os.fspath(path))
-    model_file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
-    if model_file.endswith(".keras") and os.path.isfile(model_file):
+    if model_file(path) is not None:
         return "keras"
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return "saved_model"
@@ -100,10 +99,10 @@ def load_teacher(path: str, safe_mode: bool = True) -> Teacher:
     path = os.path.abspath(os.fspath(path))
     if kind == "saved_model":
         return _saved_model_teacher(path)
-    model_file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
-    saved_model = os.path.join(os.path.dirname(model_file), "saved_model")
+    file = model_file(path)
+    saved_model = os.path.join(os.path.dirname(file), "saved_model")
     try:
-        model = load_run_model(model_file, safe_mode=safe_mode)
+        model = load_run_model(file, safe_mode=safe_mode)
     except TransferError:
         # A hub backbone: a run folder's SavedModel serves the same model
         # without running anything but TensorFlow's own graph.
@@ -113,9 +112,9 @@ def load_teacher(path: str, safe_mode: bool = True) -> Teacher:
     from tftransfer.cache import weights_fingerprint
 
     model.trainable = False
-    labels = read_labels(os.path.join(os.path.dirname(model_file), "labels.txt"))
+    labels = read_labels(os.path.join(os.path.dirname(file), "labels.txt"))
     return Teacher(lambda pixels: model(pixels, training=False), model, labels,
-                   int(model.input_shape[1]), weights_fingerprint(model), model_file,
+                   int(model.input_shape[1]), weights_fingerprint(model), file,
                    int(model.output_shape[-1]))
 
 
