@@ -21,13 +21,16 @@ from tftransfer.errors import (
     WeightsUnavailableError,
 )
 from tftransfer.evaluate import ServedModel, evaluate_folder, predict_paths
-from tftransfer.export import export_saved_model, export_tflite
+from tftransfer.export import export_saved_model
 from tftransfer.folders import ImageFolder, scan_image_folder
 from tftransfer.heads import build_classifier, build_head
 from tftransfer.hub import export_backbone
 from tftransfer.run import RunResult, train_run
 from tftransfer.settings import DistillConfig, RunConfig, TrainConfig
 from tftransfer.teacher import load_teacher
+from tftransfer.tflite import export_tflite
+from tftransfer.tflite_check import check_tflite, export_checked_tflite
+from tftransfer.litert import LiteRTModel
 from tftransfer.train import (
     balanced_class_weights,
     compute_features,

@@ -68,7 +68,8 @@ def _add_model_commands(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="evaluate an exported model on an image folder",
-        description="Evaluate MODEL (a run folder or SavedModel) on DATA_DIR's "
+        description="Evaluate MODEL (a run folder, SavedModel or .tflite file) on "
+        "DATA_DIR's "
         "test/ split, else its val/ split, else all its class folders.",
     )
     evaluate.add_argument("model", metavar="MODEL")
@@ -83,6 +84,7 @@ def _add_model_commands(commands) -> None:
     )
     predict.add_argument("--top-k", type=int, default=1, metavar="K")
     _add_json(predict)
+    _add_export_tflite(commands)
     export_backbone = commands.add_parser(
         "export-backbone",
         help="write a trained model's backbone as a TF-Hub-format SavedModel",
@@ -101,6 +103,46 @@ def _add_model_commands(commands) -> None:
     _add_json(export_backbone)
 
 
+def _add_export_tflite(commands) -> None:
+    from tftransfer.settings import (
+        CALIBRATION_IMAGES,
+        MAX_ACCURACY_DROP,
+        QUANTIZATIONS,
+    )
+
+    command = commands.add_parser(
+        "export-tflite",
+        help="write a checked LiteRT (TFLite) file for phones and edge devices",
+        description="Write MODEL (a run folder, or a .keras file with --data) as a "
+        "LiteRT file taking pixels 0..255 at the model's size (uint8 for int8, "
+        "float32 otherwise) and returning probabilities, with labels.txt and a "
+        "parity report (OUTPUT's name .parity.json) beside it. The file is run "
+        "in LiteRT's interpreter on the run's validation split (or --data's test "
+        "split, else its validation split) and is not written if it loses more "
+        "accuracy than --max-accuracy-drop.")
+    command.add_argument("model", metavar="MODEL")
+    command.add_argument("output", metavar="OUTPUT.tflite")
+    command.add_argument(
+        "--quantize", default="none", choices=QUANTIZATIONS,
+        help="none: float32; float16: float16 weights; dynamic: int8 weights; "
+        "int8: int8 weights and activations, calibrated on training images "
+        "(default: none)")
+    command.add_argument(
+        "--calibration-images", type=int, default=CALIBRATION_IMAGES, metavar="N",
+        help=f"training images int8 calibrates on (default: {CALIBRATION_IMAGES})")
+    command.add_argument(
+        "--data", metavar="DATA_DIR",
+        help="image folder to calibrate and check on (default: the run's)")
+    command.add_argument(
+        "--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="D",
+        help=f"refuse a file losing more accuracy (default: {MAX_ACCURACY_DROP})")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace an existing OUTPUT")
+    command.add_argument("--unsafe-deserialization", action="store_true",
+                         help="load a .keras file whose backbone is a TF-Hub module")
+    _add_json(command)
+
+
 def _train(args):
     from tftransfer.run import train_run
     from tftransfer.settings import TrainConfig, from_arguments
@@ -117,6 +159,16 @@ def _train(args):
     return summary, lines + _where_lines(summary)
 
 
+def _tflite_lines(summary) -> list:
+    """What `--tflite` wrote, or why it wrote nothing."""
+    report = summary.get("tflite")
+    if not report:
+        return []
+    if "error" in report:
+        return [f"model.tflite not written: {report['error']}"]
+    return tflite_lines(report) + [f"LiteRT file: {report['path']}"]
+
+
 def _where_lines(summary):
     """The lines of a `train` or `distill` run saying where its results are."""
     lines = []
@@ -126,6 +178,7 @@ def _where_lines(summary):
     lines.append(f"run folder: {summary['run_dir']}")
     if summary["is_chief"]:
         lines.append(f"SavedModel for serving: {summary['saved_model']}")
+        lines += _tflite_lines(summary)
     else:
         lines.append("(the chief writes the run folder)")
     return lines
@@ -179,6 +232,36 @@ def _predict(args):
             )
             lines.append(f"{result['path']}: {guesses}")
     return results, lines
+
+
+def _export_tflite(args):
+    from tftransfer.tflite_check import tflite_from_run
+
+    if args.calibration_images < 1:
+        raise SettingError("--calibration-images must be >= 1. Received: "
+                           f"{args.calibration_images}")
+    if not 0 <= args.max_accuracy_drop <= 1:
+        raise SettingError("--max-accuracy-drop must be in [0, 1]. Received: "
+                           f"{args.max_accuracy_drop}")
+    report = tflite_from_run(
+        args.model, args.output, args.quantize, args.calibration_images, args.data,
+        args.max_accuracy_drop, args.overwrite, not args.unsafe_deserialization)
+    return report, tflite_lines(report) + [f"LiteRT file: {report['path']}"]
+
+
+def tflite_lines(report: dict) -> list:
+    """A parity report (see `check_tflite`) as lines for people."""
+    latency = report["latency_ms"]
+    return [
+        f"{report['quantize']}: {report['size_bytes'] / 1e6:.2f} MB, "
+        f"accuracy {report['tflite_accuracy']:.4f} (Keras model "
+        f"{report['keras_accuracy']:.4f}, drop {report['accuracy_drop']:+.4f}) on "
+        f"{report['num_images']} images, agreement {report['agreement']:.4f}, "
+        f"largest probability difference {report['max_probability_difference']:.4f}",
+        f"latency per image: {latency['1_thread']:.2f} ms on 1 thread, "
+        f"{latency['all_threads']:.2f} ms on {report['threads']}",
+        f"ops: {', '.join(report['ops'])}",
+    ]
 
 
 def _export_backbone(args):
@@ -239,6 +322,7 @@ COMMANDS = {
     "distill": _distill,
     "evaluate": _evaluate,
     "predict": _predict,
+    "export-tflite": _export_tflite,
     "export-backbone": _export_backbone,
     "demo": _demo,
     "backbones": _backbones,

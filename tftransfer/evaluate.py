@@ -1,7 +1,8 @@
-"""Evaluate and predict through an exported SavedModel, as a server would.
+"""Evaluate and predict through an exported model, as it is deployed.
 
-Everything here calls the SavedModel's `serving_default` signature with raw file
-bytes, so what is measured is exactly what a deployment serves.
+A SavedModel is called through its `serving_default` signature with raw file
+bytes, as a server would call it; a `.tflite` file runs in LiteRT's interpreter
+(`LiteRTModel`), as a phone would run it. What is measured is what is deployed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def resolve_saved_model(model_path: str) -> str:
         f"No SavedModel at {model_path!r}. Expected a run folder (holding "
         "saved_model/) or a SavedModel folder (holding saved_model.pb)."
     )
+
+
+def load_served(model_path: str):
+    """A `LiteRTModel` for a `.tflite` file, else a `ServedModel`."""
+    if os.fspath(model_path).endswith(".tflite"):
+        from tftransfer.litert import LiteRTModel
+
+        return LiteRTModel(model_path)
+    return ServedModel(model_path)
 
 
 class ServedModel:
@@ -155,7 +165,8 @@ def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dic
     Unusable files are skipped and counted.
 
     Args:
-        model_path: A run folder or a SavedModel folder (see `ServedModel`).
+        model_path: A run folder, a SavedModel folder (see `ServedModel`) or
+            a `.tflite` file (see `LiteRTModel`).
         data_dir: An image folder, as `scan_image_folder` takes.
         batch_size: Images per call of the model. Defaults to `32`.
 
@@ -192,7 +203,7 @@ def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dic
     >>> [sum(row) for row in result["confusion_matrix"]]
     [4, 4, 4]
     """
-    served = ServedModel(model_path)
+    served = load_served(model_path)
     folder = scan_image_folder(data_dir, validation_split=None)
     unknown = sorted(set(folder.class_names) - set(served.class_names))
     if unknown:
@@ -225,7 +236,8 @@ def predict_paths(model_path: str, paths: Sequence[str], top_k: int = 1) -> list
     others.
 
     Args:
-        model_path: A run folder or a SavedModel folder (see `ServedModel`).
+        model_path: A run folder, a SavedModel folder (see `ServedModel`) or
+            a `.tflite` file (see `LiteRTModel`).
         paths: Image files and folders.
         top_k: Number of classes returned per file, most probable first;
             clipped to between 1 and the number of classes. Defaults to `1`.
@@ -263,7 +275,7 @@ def predict_paths(model_path: str, paths: Sequence[str], top_k: int = 1) -> list
     >>> results[4]
     {'path': 'missing.jpg', 'error': 'no such file'}
     """
-    served = ServedModel(model_path)
+    served = load_served(model_path)
     files = []
     for path in paths:
         if os.path.isdir(path):

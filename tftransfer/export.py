@@ -1,8 +1,9 @@
-"""Export for serving: a SavedModel that takes raw image bytes, and TFLite.
+"""Export for serving: a SavedModel that takes raw image bytes.
 
-Both exports are written to a temporary folder beside the destination and renamed
-into place, so an interrupted export never leaves a half-written model where a
-server would load it, and an existing model is only replaced by a complete one.
+The SavedModel is written to a temporary folder beside the destination and
+renamed into place, so an interrupted export never leaves a half-written model
+where a server would load it, and an existing model is only replaced by a
+complete one. LiteRT (TFLite) files are in `tftransfer.tflite`.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def export_saved_model(
     {'class_ids': (2,), 'class_names': (2,), 'probabilities': (2, 3)}
     """
     export_dir = os.path.abspath(os.fspath(export_dir))
-    _check_destination(export_dir, overwrite)
+    check_destination(export_dir, overwrite)
     image_size = model.input_shape[1]
     if len(class_names) != model.output_shape[-1]:
         raise ValueError(
@@ -151,47 +152,8 @@ def write_labels(path: str, class_names: Sequence[str]) -> None:
     write_atomically(path, lambda stream: stream.write(contents), text=True)
 
 
-def export_tflite(model: keras.Model, path: str, overwrite: bool = False) -> str:
-    """Writes a TFLite (LiteRT) flatbuffer of `model`, inputs and outputs as is.
-
-    The file computes what `model` does: for a classifier from
-    `build_classifier`, float32 pixels in 0..255 in and logits out (no decoding,
-    resizing or softmax, unlike `export_saved_model`). It is written beside
-    `path` and renamed into place.
-
-    Args:
-        model: The classifier.
-        path: Destination `.tflite` file.
-        overwrite: Replace an existing file. Defaults to `False`.
-
-    Returns:
-        `path`, made absolute.
-
-    Raises:
-        FileExistsError: if `path` exists and `overwrite` is `False`.
-
-    Example:
-
-    >>> import os, tempfile, keras, tftransfer
-    >>> model = keras.Sequential([keras.Input((32, 32, 3)),
-    ...                           keras.layers.GlobalAveragePooling2D(),
-    ...                           keras.layers.Dense(3)])
-    >>> path = tftransfer.export_tflite(
-    ...     model, os.path.join(tempfile.mkdtemp(), "model.tflite"))
-    >>> os.path.basename(path)
-    'model.tflite'
-    >>> with open(path, "rb") as file:
-    ...     file.read(8)[4:]  # The TFLite file identifier.
-    b'TFL3'
-    """
-    path = os.path.abspath(os.fspath(path))
-    _check_destination(path, overwrite)
-    replace_atomically(path, lambda tmp: model.export(tmp, format="litert",
-                                                     verbose=False))
-    return path
-
-
-def _check_destination(path: str, overwrite: bool) -> None:
+def check_destination(path: str, overwrite: bool) -> None:
+    """Refuses to replace an existing export unless `overwrite`."""
     if os.path.exists(path) and not overwrite:
         raise RunFolderError(
             f"{path} exists already. Choose another destination or pass "

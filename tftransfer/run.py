@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
@@ -180,6 +180,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
                            config.dropout)
     metrics = _evaluate(model, engine, everything, history)
     saved_model = run_folder.write_model(model, folder.class_names)
+    tflite = _write_tflite(config, model, folder, run_folder)
     summary = {
         **metrics,
         "seconds": round(time.perf_counter() - start, 2),
@@ -192,11 +193,35 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         "class_weight": class_weight,
         "class_imbalance": class_imbalance(report),
         **task.summary(engine),
+        "tflite": tflite,
+        "settings": config.resume_settings(),
         "history": history.history,
     }
     run_folder.finish(summary)
     engine.compile_for_use(model)
     return RunResult(model, history, summary, run_folder.path)
+
+
+def _write_tflite(config: RunConfig, model, folder: ImageFolder,
+                  run_folder: RunFolder) -> Optional[dict]:
+    """`--tflite`: `model.tflite` and its parity report, if it keeps accuracy.
+
+    A file that loses too much is not written; the run still finishes, and its
+    summary says why (`tftransfer export-tflite` can try another quantization).
+    """
+    if config.tflite is None:
+        return None
+    from tftransfer.tflite_check import AccuracyDropError, tflite_for_folder
+
+    say(config, f"Writing model.tflite ({config.tflite}) and checking it on the "
+                "validation split ...")
+    try:
+        return tflite_for_folder(model, run_folder.file("model.tflite"), folder,
+                                 folder.class_names, config.tflite, "validation",
+                                 seed=config.seed, overwrite=True)
+    except AccuracyDropError as error:
+        say(config, f"model.tflite not written: {error}")
+        return {**error.report, "error": str(error)}
 
 
 def scan(config: RunConfig) -> tuple:

@@ -236,6 +236,8 @@ class RunFolder:
         Then writes the data report.
         """
         _remove(self.file("metrics.json"))  # The folder is unfinished now.
+        for name in ("model.tflite", "model.parity.json"):
+            _remove(self.file(name))  # Made from the model this run replaces.
         for name in ("saved_model", "model.keras"):
             recover_interrupted(self.file(name))
         self.checkpoint.remove_temporaries()

@@ -25,6 +25,10 @@ FINE_TUNE_LEARNING_RATE = 1e-4
 PRECISIONS = ("auto", "off", "float16", "bfloat16")
 JIT_SETTINGS = ("auto", "on", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+# LiteRT (TFLite) files: see tftransfer.tflite and tftransfer.tflite_check.
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+CALIBRATION_IMAGES = 200
+MAX_ACCURACY_DROP = 0.02
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
@@ -146,6 +150,12 @@ class RunConfig:
         "TF_CONFIG names, --batch-size being the global batch; auto: multi_worker "
         "when TF_CONFIG names several, mirrored with several GPUs, else default",
         choices=STRATEGIES, resumable=False)
+    tflite: Optional[str] = setting(
+        None, "also write RUN_DIR/model.tflite for phones and edge devices, "
+        "quantized so (none: float32), checked against the model on the "
+        "validation split (model.parity.json); int8 calibrates on "
+        f"{CALIBRATION_IMAGES} training images", choices=QUANTIZATIONS,
+        metavar="|".join(QUANTIZATIONS), resumable=False)
     overwrite: bool = setting(
         False, "replace a finished run in RUN_DIR, or start an unfinished one over "
         "instead of resuming it", resumable=False)
@@ -189,6 +199,8 @@ class RunConfig:
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         check_choice("jit", self.jit, JIT_SETTINGS)
         check_choice("strategy", self.strategy, STRATEGIES)
+        if self.tflite is not None:
+            check_choice("tflite", self.tflite, QUANTIZATIONS)
         check_folder_options(self.data_dir, self.validation_split)
         spec = get_backbone_spec(self.network)
         setattr(self, self.backbone_field, spec.name)
