@@ -10,7 +10,6 @@ from conftest import last_json
 from tftransfer import (
     build_classifier,
     export_saved_model,
-    export_tflite,
     load_backbone,
 )
 from tftransfer.data import decode_image
@@ -80,14 +79,3 @@ def test_existing_export_is_kept_unless_overwrite(classifier, tmp_path):
     export_saved_model(classifier, path, ["x", "y", "z"], overwrite=True)
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
     assert [n for n in os.listdir(tmp_path) if n != "sm"] == []  # no leftovers
-
-
-def test_tflite_export_matches(classifier, tmp_path):
-    path = export_tflite(classifier, str(tmp_path / "model.tflite"))
-    interpreter = tf.lite.Interpreter(model_path=path)
-    interpreter.allocate_tensors()
-    pixels = np.random.default_rng(2).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
-    interpreter.invoke()
-    logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    np.testing.assert_allclose(logits, classifier(pixels).numpy(), atol=1e-3)

@@ -25,12 +25,12 @@ from tftransfer.export import export_saved_model
 from tftransfer.folders import ImageFolder, scan_image_folder
 from tftransfer.heads import build_classifier, build_head
 from tftransfer.hub import export_backbone
+from tftransfer.litert import LiteRTModel
 from tftransfer.run import RunResult, train_run
 from tftransfer.settings import DistillConfig, RunConfig, TrainConfig
 from tftransfer.teacher import load_teacher
 from tftransfer.tflite import export_tflite
 from tftransfer.tflite_check import check_tflite, export_checked_tflite
-from tftransfer.litert import LiteRTModel
 from tftransfer.train import (
     balanced_class_weights,
     compute_features,
@@ -49,6 +49,7 @@ __all__ = [
     "FeatureCache",
     "ImageFolder",
     "ImagePreprocessing",
+    "LiteRTModel",
     "RunConfig",
     "RunFolderError",
     "RunResult",
@@ -61,6 +62,7 @@ __all__ = [
     "balanced_class_weights",
     "build_classifier",
     "build_head",
+    "check_tflite",
     "compute_features",
     "decode_image",
     "default_cache_dir",
@@ -68,6 +70,7 @@ __all__ = [
     "distillation_loss",
     "distributed_fit",
     "evaluate_folder",
+    "export_checked_tflite",
     "export_backbone",
     "export_saved_model",
     "export_tflite",

@@ -276,11 +276,11 @@ def export_backbone(model: keras.Model, export_dir: str, overwrite: bool = False
     >>> tftransfer.load_backbone("hub:" + path, image_size=32).output_shape
     (None, 512)
     """
-    from tftransfer.export import _check_destination
+    from tftransfer.export import check_destination
     from tftransfer.files import replace_atomically
 
     export_dir = os.path.abspath(os.fspath(export_dir))
-    _check_destination(export_dir, overwrite)
+    check_destination(export_dir, overwrite)
     backbone = model.get_layer("backbone") if any(
         layer.name == "backbone" for layer in model.layers) else model
     image_size = backbone.input_shape[1]

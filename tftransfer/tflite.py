@@ -27,7 +27,7 @@ import tensorflow as tf
 from tftransfer.errors import SettingError, TransferError, check_choice
 from tftransfer.export import check_destination, write_labels
 from tftransfer.files import replace_atomically
-from tftransfer.settings import CALIBRATION_IMAGES, QUANTIZATIONS
+from tftransfer.settings import QUANTIZATIONS
 
 LABELS_METADATA = "labels"
 

@@ -69,6 +69,23 @@ def check_tflite(
 
     Raises:
         DataError: if `dataset` holds no image.
+
+    Example:
+
+    >>> import os, tempfile, keras, numpy as np, tensorflow as tf, tftransfer
+    >>> model = keras.Sequential([keras.Input((32, 32, 3)),
+    ...                           keras.layers.GlobalAveragePooling2D(),
+    ...                           keras.layers.Dense(2)])
+    >>> path = tftransfer.export_tflite(
+    ...     model, os.path.join(tempfile.mkdtemp(), "model.tflite"))
+    >>> pixels = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3))
+    >>> labels = np.zeros(8, "int32")
+    >>> report = tftransfer.check_tflite(
+    ...     path, model, tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(4))
+    >>> report["num_images"], report["agreement"], report["accuracy_drop"]
+    (8, 1.0, 0.0)
+    >>> report["ops"]
+    ['FULLY_CONNECTED', 'MEAN', 'SOFTMAX']
     """
     lite = tflite if isinstance(tflite, LiteRTModel) else LiteRTModel(tflite)
     labels, expected, answered = [], [], []
