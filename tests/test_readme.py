@@ -40,3 +40,24 @@ def test_readme_serving_example_runs(trained_run, scenes_dir):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "b'forest'" in result.stdout
+
+
+def test_readme_litert_example_runs(trained_run, scenes_dir, tmp_path, monkeypatch):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## Phones and edge devices"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"saved_models/flowers/model.keras"' in code and '"flowers/"' in code
+    image = os.path.join(scenes_dir, "ocean", "ocean_003.jpg")
+    code = code.replace('"saved_models/flowers/model.keras"',
+                        repr(os.path.join(trained_run, "model.keras")))
+    code = code.replace('"flowers/"', repr(scenes_dir)).replace('"rose.jpg"',
+                                                               repr(image))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    report = namespace["report"]
+    assert report["accepted"] and report["input_dtype"] == "uint8"
+    assert report["tflite_accuracy"] >= report["keras_accuracy"] - 0.02
+    assert namespace["lite"].class_names == ["desert", "forest", "ocean"]
+    assert sorted(os.listdir(tmp_path)) == ["flowers.parity.json", "flowers.tflite",
+                                            "labels.txt"]

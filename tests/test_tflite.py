@@ -189,6 +189,13 @@ def test_cli_export_tflite_then_evaluate(trained_run, scenes_dir, tmp_path, caps
     assert main(["export-tflite", trained_run, output]) == 2
     assert "exists already" in capsys.readouterr().err
     assert open(output, "rb").read() == before
+    keras_file = os.path.join(trained_run, "model.keras")
+    assert main(["export-tflite", keras_file, str(tmp_path / "b.tflite")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["export-tflite", trained_run, str(tmp_path / "c.tflite"),
+                 "--max-accuracy-drop", "2"]) == 2
+    assert "--max-accuracy-drop must be in [0, 1]" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "b.tflite")
 
 
 @pytest.fixture(scope="module")
