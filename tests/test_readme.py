@@ -6,11 +6,16 @@ import re
 from conftest import REPO, shared_path
 
 
+def _readme_python(section: str) -> str:
+    """The first Python block of the README's section titled `section`."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    code = readme[readme.index(f"## {section}"):]
+    return re.search(r"```python\n(.*?)```", code, re.S).group(1)
+
+
 def test_readme_python_example_runs(scenes_dir, tmp_path):
     shared_path("weights", "keras", "models", "mobilenet_7_5_224_tf_no_top.h5")
-    readme = open(os.path.join(REPO, "README.md")).read()
-    section = readme[readme.index("## Python"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = _readme_python("Python")
     assert '"flowers/"' in code and '"saved_models/flowers"' in code
     code = code.replace('"flowers/"', repr(scenes_dir)).replace(
         '"saved_models/flowers"', repr(str(tmp_path / "export")))
@@ -28,9 +33,7 @@ def test_readme_serving_example_runs(trained_run, scenes_dir):
     import subprocess
     import sys
 
-    readme = open(os.path.join(REPO, "README.md")).read()
-    section = readme[readme.index("## Serving"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = _readme_python("Serving")
     assert '"saved_models/flowers/saved_model"' in code and '"rose.jpg"' in code
     image = os.path.join(scenes_dir, "forest", "forest_003.jpg")
     code = code.replace('"saved_models/flowers/saved_model"',
@@ -43,9 +46,7 @@ def test_readme_serving_example_runs(trained_run, scenes_dir):
 
 
 def test_readme_litert_example_runs(trained_run, scenes_dir, tmp_path, monkeypatch):
-    readme = open(os.path.join(REPO, "README.md")).read()
-    section = readme[readme.index("## Phones and edge devices"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = _readme_python("Phones and edge devices")
     assert '"saved_models/flowers/model.keras"' in code and '"flowers/"' in code
     image = os.path.join(scenes_dir, "ocean", "ocean_003.jpg")
     code = code.replace('"saved_models/flowers/model.keras"',

@@ -166,7 +166,7 @@ def _tflite_lines(summary) -> list:
         return []
     if "error" in report:
         return [f"model.tflite not written: {report['error']}"]
-    return tflite_lines(report) + [f"LiteRT file: {report['path']}"]
+    return _parity_lines(report)
 
 
 def _where_lines(summary):
@@ -246,11 +246,11 @@ def _export_tflite(args):
     report = tflite_from_run(
         args.model, args.output, args.quantize, args.calibration_images, args.data,
         args.max_accuracy_drop, args.overwrite, not args.unsafe_deserialization)
-    return report, tflite_lines(report) + [f"LiteRT file: {report['path']}"]
+    return report, _parity_lines(report)
 
 
-def tflite_lines(report: dict) -> list:
-    """A parity report (see `check_tflite`) as lines for people."""
+def _parity_lines(report: dict) -> list:
+    """An accepted LiteRT file's parity report (see `check_tflite`), for people."""
     latency = report["latency_ms"]
     return [
         f"{report['quantize']}: {report['size_bytes'] / 1e6:.2f} MB, "
@@ -261,6 +261,7 @@ def tflite_lines(report: dict) -> list:
         f"latency per image: {latency['1_thread']:.2f} ms on 1 thread, "
         f"{latency['all_threads']:.2f} ms on {report['threads']}",
         f"ops: {', '.join(report['ops'])}",
+        f"LiteRT file: {report['path']}",
     ]
 
 

@@ -205,17 +205,10 @@ def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dic
     """
     served = load_served(model_path)
     folder = scan_image_folder(data_dir, validation_split=None)
-    unknown = sorted(set(folder.class_names) - set(served.class_names))
-    if unknown:
-        raise DataError(
-            f"Class folder(s) {unknown} of {data_dir!r} are not classes of the model "
-            f"({served.class_names})."
-        )
     split = next(
         s for s in ("test", "validation", "") if any(f.split == s for f in folder.files)
     )
-    files = folder.used(split)
-    labels = [served.class_names.index(f.class_name) for f in files]
+    files, labels = folder.labelled_for(split, served.class_names)
     probabilities = served.predict_files([f.path for f in files], batch_size)
     result = classification_metrics(
         labels, probabilities.argmax(-1), served.class_names

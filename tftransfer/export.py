@@ -146,9 +146,14 @@ def export_saved_model(
     return export_dir
 
 
+def labels_text(class_names: Sequence[str]) -> str:
+    """Class names one per line, in label order, as `labels.txt` holds them."""
+    return "".join(f"{name}\n" for name in class_names)
+
+
 def write_labels(path: str, class_names: Sequence[str]) -> None:
     """Writes class names one per line, in label order (`labels.txt`)."""
-    contents = "".join(f"{name}\n" for name in class_names)
+    contents = labels_text(class_names)
     write_atomically(path, lambda stream: stream.write(contents), text=True)
 
 

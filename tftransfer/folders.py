@@ -111,6 +111,27 @@ class ImageFolder:
         files = self.used(split)
         return [f.path for f in files], np.array([f.label for f in files], "int32")
 
+    def labelled_for(self, split: str, class_names: list) -> tuple:
+        """The usable files of `split`, labelled by their index in `class_names`.
+
+        For a model trained elsewhere: its class order, not this folder's.
+
+        Returns:
+            `(files, int32 labels)`.
+
+        Raises:
+            DataError: if the folder has classes that `class_names` lacks.
+        """
+        unknown = sorted(set(self.class_names) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"Class folder(s) {unknown} of {self.root!r} are not classes of the "
+                f"model ({list(class_names)})."
+            )
+        files = self.used(split)
+        order = [list(class_names).index(name) for name in self.class_names]
+        return files, np.array([order[f.label] for f in files], "int32")
+
     def counts(self) -> dict:
         """Used images per split and class."""
         counts = {}

@@ -179,10 +179,9 @@ class LiteRTModel:
 
 
 def _labels_beside(path: str, num_classes: int) -> list:
-    labels = os.path.join(os.path.dirname(path), "labels.txt")
-    if os.path.isfile(labels):
-        with open(labels, encoding="utf-8") as file:
-            names = file.read().split("\n")[:-1]
-        if len(names) == num_classes:
-            return names
+    from tftransfer.teacher import read_labels
+
+    names = read_labels(os.path.join(os.path.dirname(path), "labels.txt"))
+    if names is not None and len(names) == num_classes:
+        return names
     return [str(index) for index in range(num_classes)]

@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.errors import SettingError, TransferError, check_choice
-from tftransfer.export import check_destination, write_labels
-from tftransfer.files import replace_atomically
+from tftransfer.export import check_destination, labels_text, write_labels
+from tftransfer.files import write_atomically
 from tftransfer.settings import QUANTIZATIONS
 
 LABELS_METADATA = "labels"
@@ -185,11 +185,7 @@ def export_tflite(
 
 def write_tflite(path: str, contents: bytes, class_names=None) -> None:
     """Puts `contents` at `path` atomically, and `labels.txt` beside it."""
-    def write(tmp_path):
-        with open(tmp_path, "wb") as file:
-            file.write(contents)
-
-    replace_atomically(path, write)
+    write_atomically(path, lambda stream: stream.write(contents))
     if class_names is not None:
         write_labels(os.path.join(os.path.dirname(path), "labels.txt"), class_names)
 
@@ -259,11 +255,6 @@ def with_labels(contents: bytes, class_names: Sequence[str]) -> bytes:
                       if m.name not in (LABELS_METADATA, LABELS_METADATA.encode())]
     model.metadata.append(entry)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def labels_text(class_names: Sequence[str]) -> str:
-    """Class names one per line, as `labels.txt` holds them."""
-    return "".join(f"{name}\n" for name in class_names)
 
 
 def _model_root(path_or_contents):

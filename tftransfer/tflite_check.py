@@ -27,7 +27,7 @@ from tftransfer.files import write_json_atomically
 from tftransfer.folders import ImageFolder, scan_image_folder
 from tftransfer.litert import LiteRTModel
 from tftransfer.settings import CALIBRATION_IMAGES, MAX_ACCURACY_DROP
-from tftransfer.tflite import tflite_bytes, write_tflite
+from tftransfer.tflite import read_ops, tflite_bytes, write_tflite
 
 
 class AccuracyDropError(TransferError):
@@ -101,8 +101,6 @@ def check_tflite(
     first = pixels.numpy()[0]
     keras_accuracy = float(np.mean(expected.argmax(-1) == labels))
     tflite_accuracy = float(np.mean(answered.argmax(-1) == labels))
-    from tftransfer.tflite import read_ops
-
     return {
         "num_images": int(len(labels)),
         "keras_accuracy": keras_accuracy,
@@ -277,15 +275,8 @@ def tflite_for_folder(model: keras.Model, path: str, folder: ImageFolder,
     split, compares on `split`. `folder`'s classes are matched to
     `class_names` by name."""
     image_size = model.input_shape[1]
-    unknown = sorted(set(folder.class_names) - set(class_names))
-    if unknown:
-        raise DataError(f"Class folder(s) {unknown} of {folder.root} are not "
-                        f"classes of the model ({list(class_names)}).")
-    order = [list(class_names).index(name) for name in folder.class_names]
-    files = folder.used(split)
-    validation = make_dataset([f.path for f in files],
-                              np.array([order[f.label] for f in files], "int32"),
-                              image_size, batch_size=32)
+    files, labels = folder.labelled_for(split, class_names)
+    validation = make_dataset([f.path for f in files], labels, image_size)
     calibration = None
     if quantize == "int8":
         calibration = calibration_dataset(folder, image_size, calibration_images,
