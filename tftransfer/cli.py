@@ -74,7 +74,20 @@ def _add_model_commands(commands) -> None:
     )
     evaluate.add_argument("model", metavar="MODEL")
     evaluate.add_argument("data_dir", metavar="DATA_DIR")
+    evaluate.add_argument(
+        "--report", metavar="DIR",
+        help="also write DIR/report.html: confusion matrix, per-class scores, "
+        "top losses and the data report")
     _add_json(evaluate)
+    report = commands.add_parser(
+        "report", help="rebuild a run folder's HTML report",
+        description="Rebuild RUN_DIR/report/report.html (learning curves, "
+        "confusion matrix, per-class scores, top losses, data report) from the "
+        "run folder alone.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--output", metavar="DIR",
+                        help="write the report here (default: RUN_DIR/report)")
+    _add_json(report)
     predict = commands.add_parser(
         "predict", help="classify image files with an exported model"
     )
@@ -178,6 +191,8 @@ def _where_lines(summary):
     lines.append(f"run folder: {summary['run_dir']}")
     if summary["is_chief"]:
         lines.append(f"SavedModel for serving: {summary['saved_model']}")
+        if summary.get("report"):
+            lines.append(f"report: {summary['report']}")
         lines += _tflite_lines(summary)
     else:
         lines.append("(the chief writes the run folder)")
@@ -199,7 +214,7 @@ def _distill(args):
 def _evaluate(args):
     from tftransfer.evaluate import evaluate_folder
 
-    result = evaluate_folder(args.model, args.data_dir)
+    result = evaluate_folder(args.model, args.data_dir, report=args.report)
     lines = [
         f"accuracy {result['accuracy']:.4f} on {result['num_images']} images "
         f"({result['split']})"
@@ -214,7 +229,16 @@ def _evaluate(args):
         f"confusion matrix (rows: true, columns: predicted): "
         f"{result['confusion_matrix']}"
     )
+    if result.get("report"):
+        lines.append(f"report: {result['report']}")
     return result, lines
+
+
+def _report(args):
+    from tftransfer.report import write_run_report
+
+    path = write_run_report(args.run_dir, args.output)
+    return {"report": path}, [f"report: {path}"]
 
 
 def _predict(args):
@@ -322,6 +346,7 @@ COMMANDS = {
     "train": _train,
     "distill": _distill,
     "evaluate": _evaluate,
+    "report": _report,
     "predict": _predict,
     "export-tflite": _export_tflite,
     "export-backbone": _export_backbone,

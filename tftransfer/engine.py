@@ -40,6 +40,7 @@ from tftransfer.examples import SPLITS, feature_dataset, with_targets
 from tftransfer.graph import backbone_network, split_backbone
 from tftransfer.run_folder import HistoryCSV, RunFolder
 from tftransfer.settings import FINE_TUNE_LEARNING_RATE, HEAD_LEARNING_RATE
+from tftransfer.tensorboard import LOGS_FOLDER, logs_callback
 from tftransfer.train import (
     compile_classifier,
     default_fine_tune_layers,
@@ -143,6 +144,7 @@ class Engine:
         self.stats = {}  # Per stage: cache hits, computed and rebuilt entries.
         self.xla = {}  # Which stage ran with XLA, for the summary.
         self.from_activations = False
+        self.features = {}  # The head phase's backbone features, per split.
         self.history = keras.callbacks.History()
         self.history.set_model(model)
         self.history.history, self.history.epoch = {}, []
@@ -184,6 +186,7 @@ class Engine:
         datasets = {}
         for split in SPLITS:
             features = self.outputs(self.backbone, cache, split, "forward")
+            self.features[split] = features
             indices = np.arange(len(features), dtype="int32")
             datasets[split] = self.with_targets(
                 feature_dataset(features, indices, schedule.batch_size,
@@ -327,6 +330,7 @@ class Engine:
             if workers.is_chief:  # Only the chief's checkpoint is resumed from.
                 callbacks.append(self.run_folder.checkpoint.callback(
                     weights_model, model, phase))
+                callbacks.append(logs_callback(self.run_folder.file(LOGS_FOLDER)))
         callbacks += self.callbacks
         if not workers.own_loop:
             # Our datasets shuffle themselves: `shuffle=False` says so to Keras.

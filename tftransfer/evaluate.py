@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.data_report import data_report
 from tftransfer.errors import DataError
 from tftransfer.folders import check_image_file, scan_image_folder, walk_files
+from tftransfer.interpretation import Interpretation
 
 
 def resolve_saved_model(model_path: str) -> str:
@@ -126,37 +129,8 @@ class ServedModel:
         return self.predict_bytes(contents, batch_size)
 
 
-def classification_metrics(labels, predictions, class_names) -> dict:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix."""
-    num_classes = len(class_names)
-    confusion = np.zeros([num_classes, num_classes], "int64")
-    np.add.at(confusion, (np.asarray(labels), np.asarray(predictions)), 1)
-    per_class = {}
-    for index, name in enumerate(class_names):
-        true_positive = confusion[index, index]
-        predicted = confusion[:, index].sum()
-        actual = confusion[index, :].sum()
-        precision = true_positive / predicted if predicted else 0.0
-        recall = true_positive / actual if actual else 0.0
-        f1 = (
-            2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        )
-        per_class[name] = {
-            "precision": float(precision),
-            "recall": float(recall),
-            "f1": float(f1),
-            "support": int(actual),
-        }
-    total = confusion.sum()
-    return {
-        "accuracy": float(np.trace(confusion) / total) if total else 0.0,
-        "num_images": int(total),
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
-def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dict:
+def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32,
+                    report: Optional[str] = None) -> dict:
     """Evaluates an exported SavedModel on an image folder, as it is served.
 
     Uses `test/` if `data_dir` has split folders (else `val/`/`validation/`), or
@@ -169,14 +143,18 @@ def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dic
             a `.tflite` file (see `LiteRTModel`).
         data_dir: An image folder, as `scan_image_folder` takes.
         batch_size: Images per call of the model. Defaults to `32`.
+        report: A folder to write the HTML report into (`report.html`, with
+            the confusion matrix, per-class scores and top losses; see
+            `write_report`). Defaults to `None`.
 
     Returns:
-        A dict: `accuracy`, `num_images`, `per_class` (each class's
+        A dict: `accuracy`, `loss`, `num_images`, `per_class` (each class's
         `precision`, `recall`, `f1` and `support`) and `confusion_matrix`
         (rows are true classes, columns predicted ones, in the model's class
         order), plus `split` (`"test"`, `"validation"` or `"all"`),
         `num_skipped` (unusable files of that split) and `model` (the
-        SavedModel folder).
+        SavedModel folder), `most_confused` and, with `report`, `report`
+        (the HTML file).
 
     Raises:
         DataError: if `model_path` holds no SavedModel, if `data_dir` cannot be
@@ -209,15 +187,21 @@ def evaluate_folder(model_path: str, data_dir: str, batch_size: int = 32) -> dic
         s for s in ("test", "validation", "") if any(f.split == s for f in folder.files)
     )
     files, labels = folder.labelled_for(split, served.class_names)
-    probabilities = served.predict_files([f.path for f in files], batch_size)
-    result = classification_metrics(
-        labels, probabilities.argmax(-1), served.class_names
-    )
+    paths = [f.path for f in files]
+    interpretation = Interpretation(served.predict_files(paths, batch_size), labels,
+                                    served.class_names, paths)
+    result = interpretation.summary()
     result.update(
         split=split or "all",
         num_skipped=sum(1 for f in folder.skipped() if f.split == split),
         model=served.path,
     )
+    if report is not None:
+        from tftransfer.report import write_report
+
+        result["report"] = write_report(
+            report, interpretation, summary=result,
+            data=data_report(folder), title=f"{served.path} on {data_dir}")
     return result
 
 

@@ -21,14 +21,17 @@ import tensorflow as tf
 from tftransfer.backbones import load_backbone
 from tftransfer.cache import default_cache_dir, weights_fingerprint
 from tftransfer.data import DECODED_CACHE_BYTES
+from tftransfer.data_report import class_imbalance, data_report, summarize_data
 from tftransfer.engine import ClassifierTask, Engine, Schedule, network_identity
 from tftransfer.examples import FolderExamples
 from tftransfer.folders import ImageFolder, scan_image_folder
 from tftransfer.heads import build_classifier, evaluate_classifier, plain_copy
+from tftransfer.interpretation import PREDICTIONS_FILE, Interpretation
 from tftransfer.precision import dtype_policy_scope
-from tftransfer.report import class_imbalance, data_report, summarize_data
+from tftransfer.report import REPORT_FOLDER
 from tftransfer.run_folder import RunFolder
 from tftransfer.settings import RunConfig, TrainConfig
+from tftransfer.tensorboard import LOGS_FOLDER, write_run_summary
 from tftransfer.train import balanced_class_weights
 from tftransfer.workers import Workers, make_strategy
 
@@ -178,7 +181,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
     if workers.strategy is not tf.distribute.get_strategy():
         model = plain_copy(model, config.network, image_size, config.alpha,
                            config.dropout)
-    metrics = _evaluate(model, engine, everything, history)
+    metrics, interpretation = _evaluate(model, engine, everything, history)
     saved_model = run_folder.write_model(model, folder.class_names)
     tflite = _write_tflite(config, model, folder, run_folder)
     summary = {
@@ -195,8 +198,13 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         **task.summary(engine),
         "tflite": tflite,
         "settings": config.resume_settings(),
+        "validation": interpretation.summary(),
         "history": history.history,
     }
+    started = time.perf_counter()
+    summary["report"] = _write_report(config, run_folder, summary, interpretation,
+                                      history, report, len(history.epoch) - 1)
+    summary["report_seconds"] = round(time.perf_counter() - started, 2)
     run_folder.finish(summary)
     engine.compile_for_use(model)
     return RunResult(model, history, summary, run_folder.path)
@@ -236,22 +244,57 @@ def scan(config: RunConfig) -> tuple:
     return folder, report
 
 
-def _evaluate(model, engine, everything: FolderExamples, history) -> dict:
-    """The last epoch's validation metrics, and the full model's where needed."""
+def _evaluate(model, engine, everything: FolderExamples, history) -> tuple:
+    """The validation metrics, and the validation images' `Interpretation`.
+
+    Returns:
+        `(metrics, interpretation)`. The head's features are reused when the
+        head was the last to train (its validation predictions cost nothing
+        more); otherwise the full model, as exported, runs on the images,
+        and its loss and accuracy are reported (the top may have trained on
+        float16 activations).
+    """
     metrics = {"val_accuracy": history.history["val_accuracy"][-1],
                "val_loss": history.history["val_loss"][-1]}
-    splits = []
-    if engine.schedule.fine_tune_epochs > 0 and engine.cache_dir:
-        # The top may have trained on float16 activations (in this process or
-        # before a resume): report what the full model, as exported, scores.
-        splits.append("validation")
+    names, files = everything.folder.class_names, everything.folder.used("validation")
+    paths, labels = [f.path for f in files], everything.labels("validation")
+    features = engine.features.get("validation")
+    if engine.schedule.fine_tune_epochs == 0 and features is not None:
+        batches = ((features[i:i + 256], labels[i:i + 256])
+                   for i in range(0, len(labels), 256))
+        interpretation = Interpretation.from_model(model.get_layer("head"), batches,
+                                                   names, paths)
+    else:
+        interpretation = Interpretation.from_model(
+            model, everything.images("validation"), names, paths)
+        metrics.update(val_accuracy=interpretation.accuracy,
+                       val_loss=interpretation.metrics()["loss"])
     if everything.folder.used("test"):
-        splits.append("test")
-    for split in splits:
-        prefix = {"validation": "val"}.get(split, split)
-        loss, accuracy = evaluate_classifier(model, everything.images(split))
-        metrics.update({f"{prefix}_accuracy": accuracy, f"{prefix}_loss": loss})
-    return metrics
+        loss, accuracy = evaluate_classifier(model, everything.images("test"))
+        metrics.update({"test_accuracy": accuracy, "test_loss": loss})
+    return metrics, interpretation
+
+
+def _write_report(config, run_folder: RunFolder, summary: dict, interpretation,
+                  history, report: dict, step: int) -> Optional[str]:
+    """`predictions.csv`, `report/` and the TensorBoard summary of a run.
+
+    A report that cannot be drawn warns; the run still finishes.
+    """
+    interpretation.write(run_folder.file(PREDICTIONS_FILE))
+    if not config.report:
+        return None
+    from tftransfer.report import write_report
+
+    say(config, "Writing the report ...")
+    path = write_report(run_folder.file(REPORT_FOLDER), interpretation,
+                        history.history, summary, report,
+                        title=f"{os.path.basename(run_folder.path)}: {config.network}")
+    write_run_summary(run_folder.file(LOGS_FOLDER), summary["settings"],
+                      {k: summary[k] for k in ("val_accuracy", "val_loss")}, step,
+                      run_folder.file(os.path.join(REPORT_FOLDER,
+                                                   "confusion_matrix.png")))
+    return path
 
 
 def _data_summary(folder: ImageFolder, report: dict) -> dict:

@@ -9,6 +9,9 @@ Layout (`RUN_DIR`):
     data_report.json  every file considered: used or skipped, and why
     checkpoint.npz    weights and optimizer state after the last finished epoch,
                       while the run is unfinished (see `RunCheckpoint`)
+    predictions.csv   the validation images' probabilities (`Interpretation`)
+    report/           report.html and its plots (`write_report`)
+    logs/             TensorBoard logs (`tftransfer.tensorboard`)
     metrics.json      final metrics and settings; written last, so its presence
                       marks a finished run
     .lock             while a process writes the folder: its pid
@@ -34,6 +37,9 @@ from tftransfer.files import (
     replace_atomically,
     write_json_atomically,
 )
+from tftransfer.interpretation import PREDICTIONS_FILE
+from tftransfer.report import REPORT_FOLDER
+from tftransfer.tensorboard import LOGS_FOLDER, restart_logs
 
 try:  # POSIX only; elsewhere runs are not locked against each other.
     import fcntl
@@ -64,6 +70,9 @@ class HistoryCSV(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
+        rate = learning_rate_of(self.model)
+        if rate is not None:
+            logs.setdefault("learning_rate", rate)
         columns = None
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             with open(self.path, newline="") as handle:
@@ -79,6 +88,18 @@ class HistoryCSV(keras.callbacks.Callback):
             writer.writerow(row)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def learning_rate_of(model: keras.Model) -> Optional[float]:
+    """The learning rate `model`'s optimizer is at: the highest of several
+    (`MultiOptimizer`), or `None` if it has none."""
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    optimizers = getattr(optimizer, "optimizers", None) or [optimizer]
+    rates = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in optimizers
+             if isinstance(o, keras.optimizers.Optimizer)
+             and not hasattr(o, "optimizers")]
+    return max(rates) if rates else None
 
 
 def read_history(path: str) -> dict:
@@ -236,8 +257,10 @@ class RunFolder:
         Then writes the data report.
         """
         _remove(self.file("metrics.json"))  # The folder is unfinished now.
-        for name in ("model.tflite", "model.parity.json"):
+        for name in ("model.tflite", "model.parity.json", PREDICTIONS_FILE):
             _remove(self.file(name))  # Made from the model this run replaces.
+        if os.path.isdir(self.file(REPORT_FOLDER)):
+            shutil.rmtree(self.file(REPORT_FOLDER))
         for name in ("saved_model", "model.keras"):
             recover_interrupted(self.file(name))
         self.checkpoint.remove_temporaries()
@@ -246,6 +269,9 @@ class RunFolder:
             _remove(self.history_path)
         else:
             truncate_history(self.history_path, state["epoch"])
+        if self.is_chief:  # Finished epochs only, each once.
+            restart_logs(self.file(LOGS_FOLDER),
+                         None if state is None else self.history())
         if report is not None:
             write_json_atomically(self.file("data_report.json"), report)
 

@@ -156,6 +156,10 @@ class RunConfig:
         "validation split (model.parity.json); int8 calibrates on "
         f"{CALIBRATION_IMAGES} training images", choices=QUANTIZATIONS,
         metavar="|".join(QUANTIZATIONS), resumable=False)
+    report: bool = setting(
+        True, "skip RUN_DIR/report/ (report.html: learning curves, confusion "
+        "matrix, per-class scores, top losses, data) and the TensorBoard summary "
+        "images", flag="--no-report", resumable=False)
     overwrite: bool = setting(
         False, "replace a finished run in RUN_DIR, or start an unfinished one over "
         "instead of resuming it", resumable=False)
