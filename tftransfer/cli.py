@@ -62,6 +62,22 @@ def _add_run_commands(commands) -> None:
     )
     add_arguments(distill, DistillConfig)
     _add_json(distill)
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="suggest a learning rate (the range test, on cached features)",
+        description="Run the learning-rate range test on DATA_DIR with train's "
+        "options: an exponential ramp of the rate, one step per batch, stopped "
+        "when the loss diverges; the suggested rate is the valley of the loss "
+        "curve. The head phase runs on cached backbone features; fine-tune "
+        "first trains the head for --epochs, then runs on cached activations. "
+        "No run folder is written.")
+    add_arguments(lr_find, TrainConfig)
+    lr_find.add_argument("--phase", choices=("head", "fine-tune"), default="head",
+                         help="the phase to find a rate for (default: head)")
+    lr_find.add_argument("--plot", metavar="FILE", default=None,
+                         help="PNG of the loss against the rate (default: "
+                         "lr_find-PHASE.png)")
+    _add_json(lr_find)
 
 
 def _add_model_commands(commands) -> None:
@@ -170,6 +186,25 @@ def _train(args):
     if summary["resumed_from_epoch"] is not None:
         lines.append(f"resumed from epoch {summary['resumed_from_epoch']}")
     return summary, lines + _where_lines(summary)
+
+
+def _lr_find(args):
+    from tftransfer.lr_find_run import find_learning_rate
+    from tftransfer.settings import TrainConfig, from_arguments
+
+    config = _config(from_arguments, TrainConfig, args)
+    try:
+        record = find_learning_rate(config, args.phase,
+                                    args.plot or f"lr_find-{args.phase}.png")
+    except ValueError as error:
+        raise SettingError(str(error)) from error
+    lines = [f"suggested {args.phase} learning rate: "
+             f"{record['suggested_learning_rate']:.3g} (lowest loss at "
+             f"{record['minimum_loss_learning_rate']:.3g}; {record['steps']} steps"
+             f"{', stopped as the loss diverged' if record['stopped_early'] else ''})"]
+    if record["plot"]:
+        lines.append(f"plot: {record['plot']}")
+    return record, lines
 
 
 def _tflite_lines(summary) -> list:
@@ -345,6 +380,7 @@ def _backbones(args):
 COMMANDS = {
     "train": _train,
     "distill": _distill,
+    "lr-find": _lr_find,
     "evaluate": _evaluate,
     "report": _report,
     "predict": _predict,

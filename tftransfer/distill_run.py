@@ -71,12 +71,11 @@ class DistillTask:
     def extras(self, split: str) -> dict:
         return {TEACHER_LOGITS: self.logits[split]}
 
-    def training_model(self, network: keras.Model, phase: str, learning_rate: float,
+    def training_model(self, network: keras.Model, phase: str, optimizer,
                        jit_compile: bool) -> keras.Model:
         # Every batch carries the teacher's logits: the Distiller needs no teacher.
         distiller = Distiller(None, network, **self.options, name=f"{phase}_distiller")
-        distiller.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                          jit_compile=jit_compile)
+        distiller.compile(optimizer=optimizer, jit_compile=jit_compile)
         return distiller
 
     def summary(self, engine: Engine) -> dict:

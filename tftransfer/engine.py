@@ -69,6 +69,13 @@ class Schedule:
         cache_dir: The on-disk cache, or `None` to keep features in memory
             (and fine-tune on the images). Defaults to `None`.
         verbose: Progress output. Defaults to `"auto"`.
+        lr_decay: Each lower block of the unfrozen backbone learns this many
+            times as fast as the block above it (see `discriminative_optimizer`).
+            Defaults to `1.0`: one rate.
+
+    `learning_rate` and `fine_tune_learning_rate` may be `"auto"`: the
+    learning-rate finder (`lr_find`) runs before the phase, on its cached
+    features or activations, and its suggestion is used and recorded.
     """
 
     epochs: int
@@ -82,6 +89,7 @@ class Schedule:
     augment: bool = False
     cache_dir: Optional[str] = None
     verbose: object = "auto"
+    lr_decay: float = 1.0
 
     @property
     def end(self) -> int:
@@ -98,10 +106,10 @@ class ClassifierTask:
         """Per-example arrays fed beside the inputs, or `None`."""
         return None
 
-    def training_model(self, network: keras.Model, phase: str, learning_rate: float,
+    def training_model(self, network: keras.Model, phase: str, optimizer,
                        jit_compile: bool) -> keras.Model:
-        """`network` compiled for `phase`: the model `fit` trains."""
-        compile_classifier(network, learning_rate, jit_compile)
+        """`network` compiled with `optimizer` for `phase`: the model `fit` trains."""
+        compile_classifier(network, optimizer=optimizer, jit_compile=jit_compile)
         return network
 
     def summary(self, engine: Engine) -> dict:
@@ -145,6 +153,8 @@ class Engine:
         self.xla = {}  # Which stage ran with XLA, for the summary.
         self.from_activations = False
         self.features = {}  # The head phase's backbone features, per split.
+        # The learning-rate finder's results, per phase (resumed runs reuse them).
+        self.found = run_folder.found_rates() if run_folder and state else {}
         self.history = keras.callbacks.History()
         self.history.set_model(model)
         self.history.history, self.history.epoch = {}, []
@@ -177,10 +187,20 @@ class Engine:
         schedule = self.schedule
         if self.start >= schedule.epochs:
             return
+        network, train, validation = self.head_data()
+        self.find_rate("head", network, train)
+        self.fit(network, "head", train, validation, schedule.epochs, network)
+
+    def head_data(self) -> tuple:
+        """`(network, train, validation)` of the head phase.
+
+        The head on features computed once (through the cache), or, with
+        augmentation, the whole model on new random views every epoch.
+        """
+        schedule = self.schedule
         if schedule.augment:  # New random views every epoch: no features to keep.
-            self.fit(self.model, "head", self.images("train", shuffle=True),
-                     self.images("validation"), schedule.epochs, self.model)
-            return
+            return (self.model, self.images("train", shuffle=True),
+                    self.images("validation"))
         cache = self.open_cache(self.backbone)
         self.say("Computing backbone features ...")
         datasets = {}
@@ -192,36 +212,46 @@ class Engine:
                 feature_dataset(features, indices, schedule.batch_size,
                                 shuffle=split == "train", seed=schedule.seed), split)
         self.say_cache("Features", "forward", cache)
-        self.fit(self.head, "head", datasets["train"], datasets["validation"],
-                 schedule.epochs, self.head)
+        return self.head, datasets["train"], datasets["validation"]
 
     def fine_tune_phase(self) -> None:
         """Unfreezes the top of the backbone and trains it at the lower rate."""
         schedule = self.schedule
         if schedule.fine_tune_epochs == 0 or self.start >= schedule.end:
             return
-        num_layers = schedule.fine_tune_layers or default_fine_tune_layers(self.backbone)
-        unfreeze_top(self.backbone, num_layers)
-        network = self.model
-        activations = self.activations(num_layers)
-        if activations is None:
-            train, validation = self.images("train", shuffle=True), self.images("validation")
-        else:
-            cache, top = activations
-            shape = tuple(top.input.shape[1:])
-            train, validation = (
-                self.with_targets(cache.dataset(
-                    self.examples.digests(split),
-                    np.arange(len(self.examples.digests(split)), dtype="int32"),
-                    shape, schedule.batch_size, shuffle=split == "train",
-                    seed=schedule.seed), split)
-                for split in SPLITS)
-            inputs = keras.Input(shape, name="activations")
-            network = keras.Model(inputs, self.head(top(inputs, training=False)),
-                                  name="classifier_top")
-            self.from_activations = True
+        network, train, validation = self.fine_tune_data()
+        self.find_rate("fine_tune", network, train)
         self.fit(network, "fine_tune", train, validation, schedule.end, self.model)
         self.backbone.trainable = False
+
+    def fine_tune_data(self) -> tuple:
+        """Unfreezes the top of the backbone; `(network, train, validation)`.
+
+        The top and the head on cached activations of the frozen bottom when
+        the graph can be cut and there is a cache, else the whole model on
+        the images.
+        """
+        schedule = self.schedule
+        num_layers = schedule.fine_tune_layers or default_fine_tune_layers(self.backbone)
+        unfreeze_top(self.backbone, num_layers)
+        activations = self.activations(num_layers)
+        if activations is None:
+            return self.model, self.images("train", shuffle=True), self.images(
+                "validation")
+        cache, top = activations
+        shape = tuple(top.input.shape[1:])
+        train, validation = (
+            self.with_targets(cache.dataset(
+                self.examples.digests(split),
+                np.arange(len(self.examples.digests(split)), dtype="int32"),
+                shape, schedule.batch_size, shuffle=split == "train",
+                seed=schedule.seed), split)
+            for split in SPLITS)
+        inputs = keras.Input(shape, name="activations")
+        network = keras.Model(inputs, self.head(top(inputs, training=False)),
+                              name="classifier_top")
+        self.from_activations = True
+        return network, train, validation
 
     def activations(self, num_layers: int) -> Optional[tuple]:
         """Caches the activations below the top `num_layers` layers.
@@ -310,11 +340,10 @@ class Engine:
         `weights_model` (what the phase changes), before the user's callbacks.
         """
         schedule, workers, state = self.schedule, self.workers, self.state
-        rate = (schedule.learning_rate if phase == "head"
-                else schedule.fine_tune_learning_rate)
         # Across machines the training steps are our own, never compiled by XLA.
         compiled = not workers.own_loop and jit_for(schedule.jit, network)
-        model = self.task.training_model(network, phase, rate, compiled)
+        model = self.task.training_model(network, phase, self.optimizer(phase),
+                                         compiled)
         self.xla[phase] = bool(model.jit_compile)
         # Only the same phase trained on the same model (activations or images)
         # left an optimizer state that fits.
@@ -349,6 +378,58 @@ class Engine:
         self._record(result, phase)
         return result
 
+    def rate(self, phase: str) -> float:
+        """The learning rate of `phase`: the schedule's, or the finder's."""
+        schedule = self.schedule
+        rate = (schedule.learning_rate if phase == "head"
+                else schedule.fine_tune_learning_rate)
+        if rate != "auto":
+            return rate
+        if phase in self.found:
+            return self.found[phase]["suggested_learning_rate"]
+        return HEAD_LEARNING_RATE if phase == "head" else FINE_TUNE_LEARNING_RATE
+
+    def optimizer(self, phase: str) -> keras.optimizers.Optimizer:
+        """A new optimizer for `phase`: Adam, one per block with `lr_decay`."""
+        if phase == "fine_tune" and self.schedule.lr_decay != 1:
+            from tftransfer.discriminative import discriminative_optimizer
+
+            return discriminative_optimizer(backbone_network(self.backbone),
+                                            self.rate(phase), self.schedule.lr_decay)
+        return keras.optimizers.Adam(self.rate(phase))
+
+    def find_rate(self, phase: str, network: keras.Model, train) -> None:
+        """With an `"auto"` rate, runs the range test on `network` (`lr_find`).
+
+        Skipped when the rate is set, or was found before a resume. The
+        finder steps on the phase's own training batches (features or
+        activations when cached, so it costs seconds); the weights are put
+        back. Every worker takes the chief's suggestion.
+        """
+        from tftransfer.lr_find import FINE_TUNE_RANGE, lr_find
+
+        schedule = self.schedule
+        configured = (schedule.learning_rate if phase == "head"
+                      else schedule.fine_tune_learning_rate)
+        if configured != "auto" or phase in self.found:
+            return
+        self.say(f"Finding the {phase.replace('_', '-')} learning rate ...")
+        if self.task.extras("train") is not None:
+            raise ValueError("The learning-rate finder trains on labels alone; "
+                             "this task feeds more. Set the learning rate.")
+        result = lr_find(network, train,
+                         **(FINE_TUNE_RANGE if phase == "fine_tune" else {}))
+        record = result.record()
+        record["suggested_learning_rate"] = float(self.workers.chiefs(
+            result.suggested_learning_rate))
+        self.found[phase] = record
+        self.say(f"Suggested {phase.replace('_', '-')} learning rate: "
+                 f"{record['suggested_learning_rate']:.3g} "
+                 f"({record['steps']} steps, {record['seconds']:.1f} s)")
+        if self.run_folder is not None and self.workers.is_chief:
+            self.run_folder.save_found_rates(self.found)
+            result.plot(self.run_folder.file(f"lr_find_{phase}.png"))
+
     def compile_for_use(self, model: Optional[keras.Model] = None) -> None:
         """Leaves `model` compiled, so that `evaluate` and `predict` work.
 
@@ -365,9 +446,7 @@ class Engine:
                           and not self.from_activations)
         if trained_itself and model.compiled:
             return
-        schedule = self.schedule
-        rate = (schedule.fine_tune_learning_rate if schedule.fine_tune_epochs
-                else schedule.learning_rate)
+        rate = self.rate("fine_tune" if self.schedule.fine_tune_epochs else "head")
         compile_classifier(model, rate, False)
 
     def _record(self, result: keras.callbacks.History, phase: str) -> None:

@@ -28,9 +28,11 @@ def draw(plot: Callable, path: str, *args, **kwargs) -> Optional[str]:
         written. A PNG already at `path` is replaced only by a whole new one.
     """
     try:
-        figure = plot(*args, **kwargs)
-        write_atomically(path, lambda stream: figure.savefig(
-            stream, format="png", dpi=DPI, bbox_inches="tight"))
+        with warnings.catch_warnings():  # Layout advice from matplotlib.
+            warnings.simplefilter("ignore")
+            figure = plot(*args, **kwargs)
+            write_atomically(path, lambda stream: figure.savefig(
+                stream, format="png", dpi=DPI, bbox_inches="tight"))
         return path
     except Exception as error:  # A picture is never worth a failed run.
         warnings.warn(f"Could not draw {path}: {type(error).__name__}: {error}",
@@ -72,7 +74,8 @@ def learning_curves(history: dict):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     return figure
 
 

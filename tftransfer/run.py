@@ -95,7 +95,7 @@ def schedule_of(config: RunConfig) -> Schedule:
         config.learning_rate, config.fine_tune_learning_rate, config.batch_size,
         config.seed, config.jit, augment=augment,
         cache_dir=(config.cache_dir or default_cache_dir()) if config.cache else None,
-        verbose=config.verbose)
+        verbose=config.verbose, lr_decay=config.lr_decay)
 
 
 class Declaration(NamedTuple):
@@ -193,6 +193,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         "model": run_folder.file("model.keras"),
         **_settings_summary(config, image_size, schedule),
         **_engine_summary(engine, workers, model, state, schedule),
+        **_rates_summary(engine),
         "class_weight": class_weight,
         "class_imbalance": class_imbalance(report),
         **task.summary(engine),
@@ -321,6 +322,15 @@ def _settings_summary(config: RunConfig, image_size: int, schedule: Schedule) ->
     }
 
 
+def _rates_summary(engine: Engine) -> dict:
+    """The rates each phase trained at, and the finder's results if it ran."""
+    rates = {"learning_rate": engine.rate("head")}
+    if engine.schedule.fine_tune_epochs:
+        rates["fine_tune_learning_rate"] = engine.rate("fine_tune")
+    return {**rates, "lr_decay": engine.schedule.lr_decay,
+            "learning_rate_finder": engine.found or None}
+
+
 def _engine_summary(engine: Engine, workers: Workers, model, state, schedule) -> dict:
     return {
         "strategy": workers.name,
@@ -441,8 +451,10 @@ def train_run(config: TrainConfig) -> RunResult:
     ...     weights=None, image_size=32, epochs=2, verbose=0))
     >>> result.history.history["phase"]
     ['head', 'head']
-    >>> sorted(os.listdir(result.path))[:4]
-    ['data_report.json', 'history.csv', 'labels.txt', 'metrics.json']
+    >>> sorted(os.listdir(result.path))[:5]
+    ['data_report.json', 'history.csv', 'labels.txt', 'logs', 'metrics.json']
+    >>> "report.html" in os.listdir(os.path.join(result.path, "report"))
+    True
     >>> import numpy as np
     >>> loss, accuracy = result.model.evaluate(
     ...     np.zeros((2, 32, 32, 3)), np.array([0, 1]), verbose=0)

@@ -12,6 +12,8 @@ Layout (`RUN_DIR`):
     predictions.csv   the validation images' probabilities (`Interpretation`)
     report/           report.html and its plots (`write_report`)
     logs/             TensorBoard logs (`tftransfer.tensorboard`)
+    learning_rates.json, lr_find_*.png
+                      the learning-rate finder's results (rates set to auto)
     metrics.json      final metrics and settings; written last, so its presence
                       marks a finished run
     .lock             while a process writes the folder: its pid
@@ -23,6 +25,7 @@ history in `RUN_DIR/.worker-N` until the run ends.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from typing import Optional
@@ -49,6 +52,7 @@ except ImportError:  # pragma: no cover
 RUN_MARKERS = ("data_report.json", "checkpoint.npz", "history.csv", "metrics.json")
 WORKER_FOLDER_PREFIX = ".worker-"
 LOCK_FILE = ".lock"
+FOUND_RATES = "learning_rates.json"  # The learning-rate finder's results.
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -267,6 +271,8 @@ class RunFolder:
         if state is None:
             self.checkpoint.clear()
             _remove(self.history_path)
+            for name in (FOUND_RATES, "lr_find_head.png", "lr_find_fine_tune.png"):
+                _remove(self.file(name))
         else:
             truncate_history(self.history_path, state["epoch"])
         if self.is_chief:  # Finished epochs only, each once.
@@ -274,6 +280,18 @@ class RunFolder:
                          None if state is None else self.history())
         if report is not None:
             write_json_atomically(self.file("data_report.json"), report)
+
+    def found_rates(self) -> dict:
+        """What the learning-rate finder found for this run, per phase."""
+        path = self.file(FOUND_RATES)
+        if not os.path.exists(path):
+            return {}
+        with open(path) as handle:
+            return json.load(handle)
+
+    def save_found_rates(self, found: dict) -> None:
+        """Keeps the finder's results, so that a resumed run uses the same rates."""
+        write_json_atomically(self.file(FOUND_RATES), found)
 
     def history(self) -> dict:
         """The finished epochs' metrics (see `read_history`)."""

@@ -62,6 +62,13 @@ def _weights(value: str):
     return None if value.lower() == "none" else value
 
 
+def _rate(value: str):
+    return "auto" if value.strip().lower() == "auto" else float(value)
+
+
+_rate.__name__ = "learning rate (a number or auto)"  # For argparse's message.
+
+
 def _class_weight(value: str):
     return None if value.lower() == "none" else value
 
@@ -120,11 +127,17 @@ class RunConfig:
         metavar="N", cli_type=int)
     batch_size: int = setting(32, "examples per step", metavar="N", cli_type=int)
     learning_rate: float = setting(
-        HEAD_LEARNING_RATE, "learning rate while the backbone is frozen",
-        metavar="LR", cli_type=float)
+        HEAD_LEARNING_RATE, "learning rate while the backbone is frozen; auto: "
+        "the learning-rate finder's suggestion (see tftransfer lr-find)",
+        metavar="LR|auto", cli_type=_rate)
     fine_tune_learning_rate: float = setting(
         FINE_TUNE_LEARNING_RATE, "learning rate while the top of the backbone is "
-        "unfrozen", metavar="LR", cli_type=float)
+        "unfrozen; auto: the learning-rate finder's suggestion, found once the "
+        "head is trained", metavar="LR|auto", cli_type=_rate)
+    lr_decay: float = setting(
+        1.0, "discriminative learning rates while fine-tuning: each lower block "
+        "of the backbone (as its layer names number them) learns F times as fast "
+        "as the block above it; 1: one rate", metavar="F", cli_type=float)
     validation_split: float = setting(
         0.2, "held-out fraction when DATA_DIR has no val/ folder", metavar="F",
         cli_type=float)
@@ -194,9 +207,14 @@ class RunConfig:
         _check_int("seed", self.seed, minimum=0)
         for name in ("learning_rate", "fine_tune_learning_rate"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"`{name}` must be a number > 0. "
+            if value != "auto" and (not isinstance(value, (int, float))
+                                    or isinstance(value, bool) or not value > 0):
+                raise ValueError(f"`{name}` must be a number > 0 or \"auto\". "
                                  f"Received: {name}={value!r}")
+        if (isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float))
+                or not 0 < self.lr_decay <= 1):
+            raise ValueError("`lr_decay` must be a number in (0, 1]. "
+                             f"Received: lr_decay={self.lr_decay!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 f"`dropout` must be in [0, 1). Received: dropout={self.dropout}")
@@ -373,6 +391,9 @@ class DistillConfig(RunConfig):
     learning_rate: float = setting(
         1e-3, "learning rate while the student's backbone is frozen", metavar="LR",
         cli_type=float)
+    fine_tune_learning_rate: float = setting(
+        FINE_TUNE_LEARNING_RATE, "learning rate while the top of the student's "
+        "backbone is unfrozen", metavar="LR", cli_type=float)
     unsafe_deserialization: bool = setting(
         False, "load a .keras teacher whose backbone is a TF-Hub module: that runs "
         "an external SavedModel's graph, so only for files you trust",
@@ -382,6 +403,13 @@ class DistillConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
+        for name in ("learning_rate", "fine_tune_learning_rate"):
+            if getattr(self, name) == "auto":
+                raise ValueError(
+                    f"`{name}=\"auto\"` is for `train`: the range test trains on "
+                    "the labels alone, not on the teacher's outputs. Run "
+                    "`tftransfer lr-find` on the data and pass its rate, or a "
+                    f"number. Received: {name}=\"auto\"")
         if not self.temperature > 0:
             raise ValueError(
                 f"`temperature` must be > 0. Received: temperature={self.temperature}")

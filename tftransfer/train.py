@@ -24,14 +24,15 @@ from tftransfer.settings import (
 )
 
 
-def compile_classifier(model: keras.Model, learning_rate: float,
-                       jit_compile="auto") -> None:
+def compile_classifier(model: keras.Model, learning_rate: Optional[float] = None,
+                       jit_compile="auto", optimizer=None) -> None:
     """Adam, sparse cross-entropy on logits, and accuracy: both phases use these.
 
-    `jit_compile` is passed to `compile` (see `jit_for`).
+    `jit_compile` is passed to `compile` (see `jit_for`). `optimizer`, if
+    given, replaces `Adam(learning_rate)`.
     """
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile,
@@ -235,6 +236,7 @@ def fine_tune(
     batch_size: int = 32,
     seed: int = 0,
     verbose="auto",
+    lr_decay: float = 1.0,
 ) -> keras.callbacks.History:
     """Trains a `build_classifier` model: the head first, then the backbone's top.
 
@@ -254,12 +256,14 @@ def fine_tune(
         epochs: Epochs with the backbone frozen. Defaults to `5`.
         fine_tune_epochs: Epochs after unfreezing the top of the backbone.
             Defaults to `0` (no unfreezing).
-        learning_rate: Adam learning rate of the head phase. Defaults to `1e-2`:
+        learning_rate: Adam learning rate of the head phase, or `"auto"`: the
+            learning-rate finder's suggestion (`lr_find`). Defaults to `1e-2`:
             a linear head on fixed features converges in a few epochs at this
             rate (on hymenoptera, 5 epochs: 0.915 mean val accuracy over 3 seeds,
             against 0.873 at Keras' usual 1e-3).
         fine_tune_learning_rate: Learning rate of the fine-tuning phase, low so
-            that the pretrained weights move little. Defaults to `1e-4`.
+            that the pretrained weights move little, or `"auto"`.
+            Defaults to `1e-4`.
         fine_tune_layers: How many of the network's top layers to unfreeze.
             Defaults to `None`: the top 30% (`default_fine_tune_layers`).
         callbacks: Keras callbacks for every phase's `fit`. In the head phase
@@ -289,6 +293,9 @@ def fine_tune(
             Defaults to `32`.
         seed: Shuffling seed for training on features. Defaults to `0`.
         verbose: Passed to `fit`. Defaults to `"auto"`.
+        lr_decay: Discriminative rates while fine-tuning: each lower block of
+            the backbone learns `lr_decay` times as fast as the block above
+            (`discriminative_optimizer`). Defaults to `1.0`: one rate.
 
     Returns:
         A `keras.callbacks.History` over both phases: per-epoch metrics and a
@@ -342,7 +349,8 @@ def fine_tune(
         cache_dir = default_cache_dir()
     schedule = Schedule(epochs, fine_tune_epochs, fine_tune_layers, learning_rate,
                         fine_tune_learning_rate, batch_size, seed, jit,
-                        augment=augmented, cache_dir=cache_dir, verbose=verbose)
+                        augment=augmented, cache_dir=cache_dir, verbose=verbose,
+                        lr_decay=lr_decay)
     examples = DatasetExamples({"train": train, "validation": validation}, batch_size)
     if output is None:
         engine = Engine(model, examples, schedule, callbacks=callbacks,

@@ -1,0 +1,194 @@
+"""The learning-rate range test (Smith 2015; fastai's `lr_find`), for Keras models.
+
+Keras has no learning-rate finder (keras#8891, keras-contrib#204), so it is
+written here: the rate grows exponentially from `min_learning_rate` to
+`max_learning_rate`, one step per batch; the loss is smoothed (an
+exponential moving average, debiased) and the test stops once it exceeds
+`divergence` times its minimum. The model's weights are put back afterwards,
+exactly, and its compiled optimizer is never touched: the test steps with a
+fresh Adam of its own, the optimizer tftransfer trains with.
+
+The suggested rate is fastai's "valley": the middle of the longest run of
+decreasing loss, a little towards its end. On cached features or
+activations the whole test takes seconds (see `Engine`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+MIN_LEARNING_RATE = 1e-7
+MAX_LEARNING_RATE = 10.0
+NUM_STEPS = 100
+SMOOTHING = 0.98
+DIVERGENCE = 4.0
+# Fine-tuning steps cost a pass through the unfrozen top: fewer of them, over
+# the rates a pretrained network can take (above 0.1 it is only destroyed).
+FINE_TUNE_RANGE = {"max_learning_rate": 0.1, "num_steps": 40, "smoothing": 0.95}
+
+
+@dataclasses.dataclass
+class LRFinderResult:
+    """What the range test measured.
+
+    Attributes:
+        learning_rates: The rate of each step taken.
+        losses: The smoothed loss after each step.
+        suggested_learning_rate: The "valley" rate (see the module docstring).
+        minimum_loss_learning_rate: The rate at the smoothed loss's minimum.
+        stopped_early: The loss diverged before `max_learning_rate`.
+        seconds: How long the test took.
+    """
+
+    learning_rates: list
+    losses: list
+    suggested_learning_rate: float
+    minimum_loss_learning_rate: float
+    stopped_early: bool
+    seconds: float = 0.0
+
+    def record(self) -> dict:
+        """The result as JSON-ready numbers (what `metrics.json` keeps)."""
+        return {
+            "suggested_learning_rate": self.suggested_learning_rate,
+            "minimum_loss_learning_rate": self.minimum_loss_learning_rate,
+            "stopped_early": self.stopped_early,
+            "steps": len(self.learning_rates),
+            "seconds": round(self.seconds, 2),
+            "learning_rates": [float(r) for r in self.learning_rates],
+            "losses": [float(v) for v in self.losses],
+        }
+
+    def plot(self, path: str) -> Optional[str]:
+        """Draws the smoothed loss against the rate, the suggestion marked, as a
+        PNG; returns `path`, or `None` with a warning if it cannot be drawn."""
+        from tftransfer.plots import draw, learning_rate_range
+
+        return draw(learning_rate_range, path, self.learning_rates, self.losses,
+                    self.suggested_learning_rate)
+
+
+def lr_find(model: keras.Model, train, loss=None,
+            min_learning_rate: float = MIN_LEARNING_RATE,
+            max_learning_rate: float = MAX_LEARNING_RATE,
+            num_steps: int = NUM_STEPS, smoothing: float = SMOOTHING,
+            divergence: float = DIVERGENCE) -> LRFinderResult:
+    """Runs the learning-rate range test on `model`; restores its weights.
+
+    Args:
+        model: The Keras model to train (its trainable weights move during
+            the test and are restored after).
+        train: A `tf.data.Dataset` (or iterable) of `(inputs, target)`
+            batches; repeated if it has fewer than `num_steps` batches.
+        loss: A Keras loss. Defaults to `None`: sparse categorical
+            cross-entropy on logits (tftransfer's classifiers).
+        min_learning_rate: The first step's rate. Defaults to `1e-7`.
+        max_learning_rate: The last step's rate. Defaults to `10`.
+        num_steps: Steps from the first rate to the last. Defaults to `100`.
+        smoothing: The loss's moving-average factor. Defaults to `0.98`.
+        divergence: Stop once the smoothed loss exceeds this many times its
+            minimum. Defaults to `4`.
+
+    Returns:
+        An `LRFinderResult`.
+
+    Raises:
+        ValueError: a bad range or step count, or an empty `train`.
+
+    Example:
+
+    >>> import numpy as np, keras, tensorflow as tf
+    >>> x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+    >>> y = (x[:, 0] > 0).astype("int32")
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    >>> before = [w.copy() for w in model.get_weights()]
+    >>> result = lr_find(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+    >>> 1e-7 <= result.suggested_learning_rate <= 10
+    True
+    >>> all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    True
+    """
+    if not 0 < min_learning_rate < max_learning_rate:
+        raise ValueError("The range test needs 0 < min_learning_rate < "
+                         f"max_learning_rate. Received: {min_learning_rate}, "
+                         f"{max_learning_rate}")
+    if num_steps < 5:
+        raise ValueError(f"`num_steps` must be at least 5. Received: {num_steps}")
+    import time
+
+    started = time.perf_counter()
+    loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.Adam(min_learning_rate)
+    weights = model.get_weights()
+    variables = model.trainable_variables
+
+    @tf.function
+    def step(inputs, targets):
+        with tf.GradientTape() as tape:
+            value = loss(targets, model(inputs, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(value, variables), variables))
+        return value
+
+    rates, losses = [], []
+    average, best = 0.0, math.inf
+    factor = (max_learning_rate / min_learning_rate) ** (1 / (num_steps - 1))
+    stopped = False
+    try:
+        batches = _cycle(train)
+        for i in range(num_steps):
+            rate = min_learning_rate * factor ** i
+            optimizer.learning_rate.assign(rate)
+            inputs, targets = next(batches)
+            value = float(step(inputs, targets))
+            if not math.isfinite(value):
+                stopped = True
+                break
+            average = smoothing * average + (1 - smoothing) * value
+            smoothed = average / (1 - smoothing ** (i + 1))
+            rates.append(rate)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if i > 0 and smoothed > divergence * best:
+                stopped = True
+                break
+    finally:
+        model.set_weights(weights)
+    if len(rates) < 2:
+        raise ValueError("The range test diverged at once: the loss is not finite "
+                         f"even at learning rate {min_learning_rate}. Check the data "
+                         "and the model.")
+    return LRFinderResult(
+        rates, losses, valley(rates, losses),
+        rates[int(np.argmin(losses))], stopped, time.perf_counter() - started)
+
+
+def valley(rates, losses) -> float:
+    """fastai's "valley" suggestion: within the longest run of decreasing loss
+    (a longest decreasing subsequence), the rate half way along its middle
+    third."""
+    n = len(losses)
+    lengths = [1] * n
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lengths[i] < lengths[j] + 1:
+                lengths[i] = lengths[j] + 1
+    end = int(np.argmax(lengths))
+    start = end - lengths[end] + 1
+    third = (end - start) / 3
+    return float(rates[start + int(third) + int(third / 2)])
+
+
+def _cycle(dataset):
+    """The batches of `dataset`, over and over."""
+    if not any(True for _ in itertools.islice(iter(dataset), 1)):
+        raise ValueError("The range test needs training batches; the dataset "
+                         "is empty.")
+    while True:
+        yield from dataset
