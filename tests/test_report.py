@@ -231,3 +231,23 @@ def test_resumed_run_logs_each_epoch_once_on_one_axis(scenes_dir, tmp_path):
     assert [v for _, v in losses] == pytest.approx(history.history["loss"])
     _, rates = _scalars(os.path.join(logs, "train"), "epoch_learning_rate")
     assert [v for _, v in rates] == pytest.approx([1e-2, 1e-2, 1e-4, 1e-4])
+
+
+def test_readme_report_example_runs(scenes_dir, tmp_path, monkeypatch):
+    from test_readme import _readme_python
+
+    import tftransfer
+
+    data = tftransfer.image_folder_datasets(scenes_dir, image_size=32, batch_size=16)
+    backbone = tftransfer.load_backbone("vgg16", weights=None, image_size=32)
+    model = tftransfer.build_classifier(backbone, 3)
+    history = tftransfer.fine_tune(model, data.train, data.validation, epochs=2,
+                                   verbose=0)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"tftransfer": tftransfer, "model": model, "data": data,
+                 "history": history}
+    exec(_readme_python("Seeing what the model learned"), namespace)
+    interpretation = namespace["interpretation"]
+    assert interpretation.metrics()["num_images"] == len(interpretation.labels) > 0
+    assert len(interpretation.top_losses(9)) == min(9, len(interpretation.labels))
+    _check_self_contained(str(tmp_path / "report" / "report.html"))

@@ -25,7 +25,10 @@ from tftransfer.export import export_saved_model
 from tftransfer.folders import ImageFolder, scan_image_folder
 from tftransfer.heads import build_classifier, build_head
 from tftransfer.hub import export_backbone
+from tftransfer.interpretation import Interpretation
 from tftransfer.litert import LiteRTModel
+from tftransfer.lr_find import LRFinderResult, lr_find
+from tftransfer.report import write_report, write_run_report
 from tftransfer.run import RunResult, train_run
 from tftransfer.settings import DistillConfig, RunConfig, TrainConfig
 from tftransfer.teacher import load_teacher
@@ -49,6 +52,8 @@ __all__ = [
     "FeatureCache",
     "ImageFolder",
     "ImagePreprocessing",
+    "Interpretation",
+    "LRFinderResult",
     "LiteRTModel",
     "RunConfig",
     "RunFolderError",
@@ -79,8 +84,11 @@ __all__ = [
     "image_folder_datasets",
     "load_backbone",
     "load_teacher",
+    "lr_find",
     "make_dataset",
     "make_strategy",
+    "write_report",
+    "write_run_report",
     "predict_paths",
     "register_backbone",
     "scan_image_folder",
