@@ -71,6 +71,28 @@ def trained_run(scenes_dir, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def hymenoptera_mobilenet_v2_run(tmp_path_factory):
+    """MobileNetV2 0.35 (ImageNet) at 224 px on hymenoptera, 5 epochs, with
+    `--tflite int8`: `(data folder, run folder, metrics.json)`.
+
+    One training for test_shared_end_to_end (accuracy, evaluate, predict) and
+    test_tflite (the int8 file on real images): the LiteRT file is written
+    after training, from the model the other tests read.
+    """
+    from tftransfer.cli import main
+
+    data = shared_path("data", "hymenoptera")
+    shared_path("weights", "keras", "models",
+                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
+    run = str(tmp_path_factory.mktemp("hymenoptera") / "run")
+    assert main(["train", data, "--output", run, "--backbone", "mobilenet_v2",
+                 "--alpha", "0.35", "--image-size", "224", "--epochs", "5",
+                 "--tflite", "int8", "--json"]) == 0
+    with open(os.path.join(run, "metrics.json")) as file:
+        return data, run, json.load(file)
+
+
 def last_json(stdout):
     """The JSON object on the last line of a command's stdout (`--json`)."""
     return json.loads(stdout.strip().splitlines()[-1])

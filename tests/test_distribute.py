@@ -20,6 +20,11 @@ from tftransfer.distribute import distributed_fit
 from tftransfer.examples import feature_dataset
 from tftransfer.workers import Workers, cluster_tasks, make_strategy
 
+# What a finished run folder holds: no worker folder, checkpoint or lock left.
+FINISHED_RUN = sorted(["data_report.json", "history.csv", "labels.txt", "logs",
+                       "metrics.json", "model.keras", "predictions.csv", "report",
+                       "saved_model"])
+
 
 def test_strategy_names_and_tf_config_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="must be one of"):
@@ -221,21 +226,26 @@ def test_an_overflow_on_one_replica_skips_the_step_on_all():
     assert trained != before
 
 
-def test_mirrored_strategy_trains_like_the_default_one_and_exports(scenes_dir, tmp_path):
+def test_mirrored_strategy_trains_like_the_default_one_and_exports(
+        trained_run, scenes_dir, tmp_path):
     from tftransfer.run import TrainConfig, train_run
 
-    summaries = {
-        strategy: train_run(TrainConfig(
-            scenes_dir, output=str(tmp_path / strategy), backbone="vgg16",
-            weights=None, image_size=32, epochs=15, strategy=strategy, verbose=0)).summary
-        for strategy in ("default", "mirrored")
-    }
-    mirrored = summaries["mirrored"]
+    # The default strategy's run of these settings is conftest's `trained_run`
+    # (VGG16, random weights, 32 px, 15 epochs at 0.01, the CLI's "auto"
+    # strategy, which is the default one without GPUs or TF_CONFIG).
+    with open(os.path.join(trained_run, "metrics.json")) as handle:
+        default = json.load(handle)
+    mirrored = train_run(TrainConfig(
+        scenes_dir, output=str(tmp_path / "mirrored"), backbone="vgg16",
+        weights=None, image_size=32, epochs=15, learning_rate=0.01,
+        strategy="mirrored", verbose=0)).summary
+    assert mirrored["settings"] == default["settings"]  # all but the strategy
+    assert default["strategy"] == "default"
     assert mirrored["strategy"] == "mirrored"
     assert mirrored["num_replicas_in_sync"] == max(
         1, len(tf.config.list_logical_devices("GPU")))
     # Dropout draws differ under a strategy, so the runs agree in outcome only.
-    assert summaries["default"]["val_accuracy"] >= 0.9
+    assert default["val_accuracy"] >= 0.9
     assert mirrored["val_accuracy"] >= 0.9
     served = tf.saved_model.load(mirrored["saved_model"])
     assert "serving_default" in served.signatures
@@ -333,9 +343,7 @@ def test_two_workers_train_one_model_on_hymenoptera(tmp_path):
     # Each image's features were computed by one worker only.
     assert chief["features"]["computed"] + chief["features"]["hits"] == 123 + 77
     assert chief["val_accuracy"] >= 0.85
-    assert sorted(os.listdir(run)) == sorted(
-        ["data_report.json", "history.csv", "labels.txt", "metrics.json",
-         "model.keras", "saved_model"])
+    assert sorted(os.listdir(run)) == FINISHED_RUN
     served = tf.saved_model.load(chief["saved_model"])
     bees = os.path.join(data, "val", "bees")
     files = sorted(os.listdir(bees))[:8]
@@ -375,9 +383,7 @@ def test_killed_workers_resume_from_the_chiefs_checkpoint(tmp_path):
         assert f"Resuming from epoch {checkpointed}" in stdout
     epochs = [row.split(",")[0] for row in history.read_text().splitlines()[1:]]
     assert epochs == [str(e) for e in range(1, 9)]
-    assert sorted(os.listdir(run)) == sorted(
-        ["data_report.json", "history.csv", "labels.txt", "metrics.json",
-         "model.keras", "saved_model"])
+    assert sorted(os.listdir(run)) == FINISHED_RUN
 
 
 @pytest.mark.shared
@@ -424,9 +430,7 @@ def _assert_one_model_in_one_run_folder(chief, worker, run):
     assert chief["history"]["val_accuracy"][14] >= 0.8
     assert len(chief["history"]["val_accuracy"]) == 16
     assert ServedModel(chief["saved_model"]).class_names == chief["class_names"]
-    assert sorted(os.listdir(run)) == sorted(
-        ["data_report.json", "history.csv", "labels.txt", "metrics.json",
-         "model.keras", "saved_model"])
+    assert sorted(os.listdir(run)) == FINISHED_RUN
 
 
 def test_two_workers_distil_one_student(trained_run, scenes_dir, tmp_path):

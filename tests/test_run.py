@@ -103,20 +103,36 @@ def test_odd_files_are_reported_each_and_training_completes(scenes_dir, tmp_path
     assert "bomb.png: too many pixels" in out
 
 
-def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path):
+def _refused(args, capsys):
+    """`tftransfer ARGS` in this process, which must refuse it (status 2):
+    `python -m tftransfer` runs this `main`, without a TensorFlow start-up.
+    Returns its output, stdout and stderr."""
+    capsys.readouterr()
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def _resumed(args, capsys):
+    """`tftransfer ARGS` in this process, after the killed one: its stdout."""
+    capsys.readouterr()
+    assert main(args) == 0
+    return capsys.readouterr().out
+
+
+def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path, capsys):
     run = str(tmp_path / "run")
     args = ["train", scenes_dir, "--output", run, *TINY, "--epochs", "3",
             "--fine-tune-epochs", "4", "--cache-dir", str(tmp_path / "cache")]
     done = _kill_in_fine_tuning(args, run)
     _assert_default_modes(run)  # the checkpoint, history, report
 
-    changed = _start(*args[:-2], "--cache-dir", str(tmp_path / "cache"), "--seed", "1")
-    out, _ = changed.communicate(timeout=300)
-    assert changed.returncode == 2 and "other settings" in out and "seed" in out
+    checkpoint = open(os.path.join(run, "checkpoint.npz"), "rb").read()
+    out = _refused([*args, "--seed", "1"], capsys)
+    assert "other settings" in out and "seed" in out and "Traceback" not in out
+    assert open(os.path.join(run, "checkpoint.npz"), "rb").read() == checkpoint
 
-    resumed = _start(*args, "--json")
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
+    out = _resumed([*args, "--json"], capsys)
     checkpointed = last_json(out)["resumed_from_epoch"]
     assert checkpointed in (done[-1], done[-1] - 1)
     assert f"Resuming from epoch {checkpointed}" in out
@@ -125,9 +141,8 @@ def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path):
     _assert_default_modes(run)  # metrics.json, the truncated history too
     _assert_default_modes(tmp_path / "cache")
 
-    again = _start(*args)
-    out, _ = again.communicate(timeout=300)
-    assert again.returncode == 2 and "finished run" in out and "Traceback" not in out
+    out = _refused(args, capsys)
+    assert "finished run" in out and "Traceback" not in out
 
 
 def test_killed_export_leaves_the_previous_model_whole(trained_run, scenes_dir,
@@ -229,7 +244,7 @@ def test_distill_refuses_an_unfinished_train_run(trained_run, scenes_dir, tmp_pa
 
 
 def test_killed_distillation_resumes_and_records_each_epoch_once(
-        trained_run, scenes_dir, tmp_path):
+        trained_run, scenes_dir, tmp_path, capsys):
     run = str(tmp_path / "student")
     args = ["distill", scenes_dir, "--teacher", trained_run, "--output", run,
             "--student", "vgg16", "--weights", "none", "--learning-rate", "0.01",
@@ -237,14 +252,10 @@ def test_killed_distillation_resumes_and_records_each_epoch_once(
             "--cache-dir", str(tmp_path / "cache")]
     done = _kill_in_fine_tuning(args, run)
 
-    changed = _start(*args, "--temperature", "2")
-    out, _ = changed.communicate(timeout=300)
-    assert changed.returncode == 2 and "other settings" in out
-    assert "temperature: 3.0 then, 2.0 now" in out
+    out = _refused([*args, "--temperature", "2"], capsys)
+    assert "other settings" in out and "temperature: 3.0 then, 2.0 now" in out
 
-    resumed = _start(*args, "--json")
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
+    out = _resumed([*args, "--json"], capsys)
     summary = last_json(out)
     assert summary["resumed_from_epoch"] in (done[-1], done[-1] - 1)
     assert f"Resuming from epoch {summary['resumed_from_epoch']}" in out

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import last_json, shared_path
+from conftest import last_json
 
 from tftransfer import LiteRTModel, export_checked_tflite, export_tflite
 from tftransfer.cli import main
@@ -198,22 +198,11 @@ def test_cli_export_tflite_then_evaluate(trained_run, scenes_dir, tmp_path, caps
     assert not os.path.exists(tmp_path / "b.tflite")
 
 
-@pytest.fixture(scope="module")
-def hymenoptera_int8_run(tmp_path_factory):
-    """MobileNetV2 0.35 (ImageNet) on hymenoptera, with `--tflite int8`."""
-    data = shared_path("data", "hymenoptera")
-    shared_path("weights", "keras", "models",
-                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
-    run = str(tmp_path_factory.mktemp("tflite") / "run")
-    assert main(["train", data, "--output", run, "--backbone", "mobilenet_v2",
-                 "--alpha", "0.35", "--epochs", "5", "--tflite", "int8"]) == 0
-    with open(os.path.join(run, "metrics.json")) as file:
-        return data, run, json.load(file)
-
-
 @pytest.mark.shared
-def test_int8_run_on_real_images(hymenoptera_int8_run, capsys):
-    data, run, summary = hymenoptera_int8_run
+def test_int8_run_on_real_images(hymenoptera_mobilenet_v2_run, capsys):
+    """conftest's MobileNetV2 0.35 (ImageNet) run on hymenoptera, with `--tflite
+    int8`; test_shared_end_to_end checks the same run's model."""
+    data, run, summary = hymenoptera_mobilenet_v2_run
     report = summary["tflite"]
     assert report["accepted"] and report["quantize"] == "int8"
     assert report["input_dtype"] == "uint8" and report["num_images"] == 153
@@ -233,12 +222,13 @@ def test_int8_run_on_real_images(hymenoptera_int8_run, capsys):
 
 
 @pytest.mark.shared
-def test_blank_calibration_fails_the_check_and_keeps_the_file(hymenoptera_int8_run):
+def test_blank_calibration_fails_the_check_and_keeps_the_file(
+        hymenoptera_mobilenet_v2_run):
     from tftransfer.data import make_dataset
     from tftransfer.folders import scan_image_folder
     from tftransfer.run_folder import load_run_model
 
-    data, run, summary = hymenoptera_int8_run
+    data, run, summary = hymenoptera_mobilenet_v2_run
     path = os.path.join(run, "model.tflite")
     before = open(path, "rb").read()
     paths, labels = scan_image_folder(data, 0.2).paths_and_labels("validation")
