@@ -251,3 +251,37 @@ def test_readme_report_example_runs(scenes_dir, tmp_path, monkeypatch):
     assert interpretation.metrics()["num_images"] == len(interpretation.labels) > 0
     assert len(interpretation.top_losses(9)) == min(9, len(interpretation.labels))
     _check_self_contained(str(tmp_path / "report" / "report.html"))
+
+
+@pytest.mark.shared
+def test_report_of_a_real_run(hymenoptera_mobilenet_v2_run):
+    _, run, metrics = hymenoptera_mobilenet_v2_run
+    page = _check_self_contained(metrics["report"])
+    assert "top_losses.png" in page.references
+    assert metrics["validation"]["accuracy"] == pytest.approx(
+        metrics["val_accuracy"], abs=1e-6)
+    assert metrics["validation"]["num_images"] == 153
+    text = open(metrics["report"], encoding="utf-8").read()
+    # The placeholder GIF the data holds is listed with its reason.
+    assert "imageNotFound.gif" in text
+    assert "LiteRT file" in text and "tflite_accuracy" in text
+
+
+def test_a_run_whose_plot_fails_still_finishes(scenes_dir, tmp_path, monkeypatch):
+    import tftransfer.report
+    from tftransfer.run import train_run
+    from tftransfer.settings import TrainConfig
+
+    def broken(*args):
+        raise MemoryError("drawing")
+
+    monkeypatch.setattr(tftransfer.report, "learning_curves", broken)
+    with pytest.warns(UserWarning, match="learning_curves.png"):
+        result = train_run(TrainConfig(
+            scenes_dir, output=str(tmp_path / "run"), backbone="vgg16",
+            weights=None, image_size=32, epochs=2, verbose=0))
+    assert os.path.isfile(os.path.join(result.path, "metrics.json"))
+    assert result.summary["report"] and os.path.isfile(result.summary["report"])
+    assert not os.path.exists(os.path.join(result.path, "report",
+                                           "learning_curves.png"))
+    assert os.path.isfile(os.path.join(result.path, "report", "confusion_matrix.png"))

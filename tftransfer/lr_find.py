@@ -8,9 +8,12 @@ exponential moving average, debiased) and the test stops once it exceeds
 exactly, and its compiled optimizer is never touched: the test steps with a
 fresh Adam of its own, the optimizer tftransfer trains with.
 
-The suggested rate is fastai's "valley": the middle of the longest run of
-decreasing loss, a little towards its end. On cached features or
-activations the whole test takes seconds (see `Engine`).
+The suggested rate is fastai's "valley" for a model that has still to learn
+(a new head): the middle of the longest run of decreasing loss. A model that
+is trained already (fine-tuning starts from a trained head) shows no such
+fall, only noise and then divergence: its suggestion is a tenth of the rate
+where the loss diverged, the usual advice for fine-tuning. On cached
+features or activations the whole test takes seconds (see `Engine`).
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.errors import check_choice
+
 MIN_LEARNING_RATE = 1e-7
 MAX_LEARNING_RATE = 10.0
 NUM_STEPS = 100
 SMOOTHING = 0.98
 DIVERGENCE = 4.0
 # Fine-tuning steps cost a pass through the unfrozen top: fewer of them, over
-# the rates a pretrained network can take (above 0.1 it is only destroyed).
-FINE_TUNE_RANGE = {"max_learning_rate": 0.1, "num_steps": 40, "smoothing": 0.95}
+# the rates a pretrained network can take (above 0.1 it is only destroyed),
+# and less smoothing, whose lag would span decades over 40 steps.
+FINE_TUNE_RANGE = {"max_learning_rate": 0.1, "num_steps": 40, "smoothing": 0.9,
+                   "suggestion": "divergence"}
+SUGGESTIONS = ("valley", "divergence")
 
 
 @dataclasses.dataclass
@@ -41,7 +49,7 @@ class LRFinderResult:
     Attributes:
         learning_rates: The rate of each step taken.
         losses: The smoothed loss after each step.
-        suggested_learning_rate: The "valley" rate (see the module docstring).
+        suggested_learning_rate: See `suggest`.
         minimum_loss_learning_rate: The rate at the smoothed loss's minimum.
         stopped_early: The loss diverged before `max_learning_rate`.
         seconds: How long the test took.
@@ -79,7 +87,8 @@ def lr_find(model: keras.Model, train, loss=None,
             min_learning_rate: float = MIN_LEARNING_RATE,
             max_learning_rate: float = MAX_LEARNING_RATE,
             num_steps: int = NUM_STEPS, smoothing: float = SMOOTHING,
-            divergence: float = DIVERGENCE) -> LRFinderResult:
+            divergence: float = DIVERGENCE,
+            suggestion: str = "valley") -> LRFinderResult:
     """Runs the learning-rate range test on `model`; restores its weights.
 
     Args:
@@ -95,6 +104,9 @@ def lr_find(model: keras.Model, train, loss=None,
         smoothing: The loss's moving-average factor. Defaults to `0.98`.
         divergence: Stop once the smoothed loss exceeds this many times its
             minimum. Defaults to `4`.
+        suggestion: `"valley"` (fastai's, for a model still to train) or
+            `"divergence"` (a tenth of the rate where the loss diverged, for
+            a trained model being fine-tuned). Defaults to `"valley"`.
 
     Returns:
         An `LRFinderResult`.
@@ -121,6 +133,7 @@ def lr_find(model: keras.Model, train, loss=None,
                          f"{max_learning_rate}")
     if num_steps < 5:
         raise ValueError(f"`num_steps` must be at least 5. Received: {num_steps}")
+    check_choice("suggestion", suggestion, SUGGESTIONS)
     import time
 
     started = time.perf_counter()
@@ -139,7 +152,7 @@ def lr_find(model: keras.Model, train, loss=None,
     rates, losses = [], []
     average, best = 0.0, math.inf
     factor = (max_learning_rate / min_learning_rate) ** (1 / (num_steps - 1))
-    stopped = False
+    stopped, warmup = False, max(3, num_steps // 10)
     try:
         batches = _cycle(train)
         for i in range(num_steps):
@@ -154,8 +167,11 @@ def lr_find(model: keras.Model, train, loss=None,
             smoothed = average / (1 - smoothing ** (i + 1))
             rates.append(rate)
             losses.append(smoothed)
-            best = min(best, smoothed)
-            if i > 0 and smoothed > divergence * best:
+            # The first steps' losses are a few batches' noise (tiny ones for a
+            # trained head): they set no minimum to diverge from.
+            if i >= warmup:
+                best = min(best, smoothed)
+            if i > warmup and smoothed > divergence * best:
                 stopped = True
                 break
     finally:
@@ -165,14 +181,29 @@ def lr_find(model: keras.Model, train, loss=None,
                          f"even at learning rate {min_learning_rate}. Check the data "
                          "and the model.")
     return LRFinderResult(
-        rates, losses, valley(rates, losses),
+        rates, losses,
+        valley(rates, losses) if suggestion == "valley" else float(rates[-1]) / 10,
         rates[int(np.argmin(losses))], stopped, time.perf_counter() - started)
 
 
 def valley(rates, losses) -> float:
     """fastai's "valley" suggestion: within the longest run of decreasing loss
     (a longest decreasing subsequence), the rate half way along its middle
-    third."""
+    third.
+
+    Example:
+
+    >>> rates = [10.0 ** e for e in range(-7, 0)]
+    >>> valley(rates, [1.0, 0.98, 0.9, 0.6, 0.3, 0.5, 3.0])
+    1e-06
+    """
+    start, end = _longest_valley(losses)
+    third = (end - start) / 3
+    return float(rates[start + int(third) + int(third / 2)])
+
+
+def _longest_valley(losses) -> tuple:
+    """`(start, end)` of the longest decreasing subsequence of `losses`."""
     n = len(losses)
     lengths = [1] * n
     for i in range(1, n):
@@ -180,9 +211,7 @@ def valley(rates, losses) -> float:
             if losses[i] < losses[j] and lengths[i] < lengths[j] + 1:
                 lengths[i] = lengths[j] + 1
     end = int(np.argmax(lengths))
-    start = end - lengths[end] + 1
-    third = (end - start) / 3
-    return float(rates[start + int(third) + int(third / 2)])
+    return end - lengths[end] + 1, end
 
 
 def _cycle(dataset):

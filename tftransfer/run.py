@@ -259,7 +259,8 @@ def _evaluate(model, engine, everything: FolderExamples, history) -> tuple:
                "val_loss": history.history["val_loss"][-1]}
     names, files = everything.folder.class_names, everything.folder.used("validation")
     paths, labels = [f.path for f in files], everything.labels("validation")
-    features = engine.features.get("validation")
+    # Across machines the chief computed its share of the features only.
+    features = engine.features.get("validation") if engine.workers.count == 1 else None
     if engine.schedule.fine_tune_epochs == 0 and features is not None:
         batches = ((features[i:i + 256], labels[i:i + 256])
                    for i in range(0, len(labels), 256))
