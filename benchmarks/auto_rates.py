@@ -26,11 +26,14 @@ def main():
     parser.add_argument("--alpha", type=float, default=0.35)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--fine-tune-epochs", type=int, default=2)
+    parser.add_argument("--only", choices=("defaults", "auto"))
     args = parser.parse_args()
     results = {}
     for name, rates in (("defaults", {}),
                         ("auto", {"learning_rate": "auto",
                                   "fine_tune_learning_rate": "auto"})):
+        if args.only not in (None, name):
+            continue
         with tempfile.TemporaryDirectory() as folder:
             summary = train_run(TrainConfig(
                 args.data_dir, backbone=args.backbone, alpha=args.alpha,

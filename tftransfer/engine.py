@@ -404,7 +404,8 @@ class Engine:
         Skipped when the rate is set, or was found before a resume. The
         finder steps on the phase's own training batches (features or
         activations when cached, so it costs seconds); the weights are put
-        back. Every worker takes the chief's suggestion.
+        back. A fine-tuning rate is at most a tenth of the head's. Every
+        worker takes the chief's suggestion.
         """
         from tftransfer.lr_find import FINE_TUNE_RANGE, lr_find
 
@@ -420,8 +421,15 @@ class Engine:
         result = lr_find(network, train,
                          **(FINE_TUNE_RANGE if phase == "fine_tune" else {}))
         record = result.record()
-        record["suggested_learning_rate"] = float(self.workers.chiefs(
-            result.suggested_learning_rate))
+        suggested = result.suggested_learning_rate
+        if phase == "fine_tune":
+            # A head still far from trained makes the loss fall along the
+            # whole ramp and diverge late: the pretrained layers would then
+            # be taken far too fast (0.005 on flowers128, val 0.24). They
+            # never move faster than a tenth of the head's rate.
+            record["ceiling"] = self.rate("head") / 10
+            suggested = min(suggested, record["ceiling"])
+        record["suggested_learning_rate"] = float(self.workers.chiefs(suggested))
         self.found[phase] = record
         self.say(f"Suggested {phase.replace('_', '-')} learning rate: "
                  f"{record['suggested_learning_rate']:.3g} "
