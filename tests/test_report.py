@@ -12,6 +12,7 @@ from conftest import last_json
 
 from tftransfer.cli import main
 from tftransfer.interpretation import Interpretation
+from tftransfer.report import write_report
 
 
 class _Page(html.parser.HTMLParser):
@@ -285,3 +286,51 @@ def test_a_run_whose_plot_fails_still_finishes(scenes_dir, tmp_path, monkeypatch
     assert not os.path.exists(os.path.join(result.path, "report",
                                            "learning_curves.png"))
     assert os.path.isfile(os.path.join(result.path, "report", "confusion_matrix.png"))
+
+
+def test_odd_class_names_round_trip_through_predictions_and_report(tmp_path):
+    names = ["a,b", "café", "$5_$10", 'quote "x"', "猫"]
+    probabilities = np.eye(5)[[1, 0, 2, 3, 4, 4]] * 0.9 + 0.02
+    interpretation = Interpretation(probabilities, [0, 1, 2, 3, 4, 3], names,
+                                    paths=[f"/data/{n}.jpg" for n in "abcdef"])
+    path = str(tmp_path / "predictions.csv")
+    interpretation.write(path)
+    again = Interpretation.read(path)
+    assert again.class_names == names
+    assert again.metrics() == interpretation.metrics()
+    report = write_report(str(tmp_path / "report"), again)
+    cells = _check_self_contained(report).cells
+    assert set(names) <= set(cells)
+    assert os.path.isfile(tmp_path / "report" / "confusion_matrix.png")
+
+
+def test_report_of_a_run_without_predictions_says_so(trained_run, tmp_path):
+    from tftransfer.errors import DataError
+    from tftransfer.report import write_run_report
+
+    copy = str(tmp_path / "old")
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns(
+        "report", "predictions.csv"))
+    text = open(write_run_report(copy), encoding="utf-8").read()
+    assert "kept no predictions.csv" in text and "learning_curves.png" in text
+    with open(os.path.join(copy, "predictions.csv"), "w") as handle:
+        handle.write("not,a,predictions,file\n")
+    with pytest.raises(DataError, match="predictions.csv cannot be read"):
+        write_run_report(copy)
+
+
+def test_overwrite_into_a_folder_of_other_files_keeps_its_logs_and_report(
+        scenes_dir, tmp_path):
+    from tftransfer.run import train_run
+    from tftransfer.settings import TrainConfig
+
+    folder = tmp_path / "project"
+    for name in ("logs/mine.txt", "report/notes.txt", "README"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("the user's")
+    train_run(TrainConfig(scenes_dir, output=str(folder), backbone="vgg16",
+                          weights=None, image_size=32, epochs=1, overwrite=True,
+                          verbose=0))
+    for name in ("logs/mine.txt", "report/notes.txt", "README"):
+        assert (folder / name).read_text() == "the user's"
+    assert (folder / "report" / "report.html").is_file()

@@ -23,6 +23,10 @@ from tftransfer.files import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.npz"
 
+# Settings added after checkpoints were first written, with the value a
+# checkpoint without them was trained with: such a run still resumes.
+ADDED_SETTINGS = {"lr_decay": 1.0}
+
 
 class RunCheckpoint:
     """The training state of a run folder: weights, optimizer state and epoch.
@@ -56,14 +60,18 @@ class RunCheckpoint:
                 f"The checkpoint {self.path} cannot be read ({error}). Pass "
                 "--overwrite (overwrite=True) to start the run over."
             ) from error
+        def value(settings, key):
+            return settings.get(key, ADDED_SETTINGS.get(key))
+
         different = sorted(
             key
             for key in set(meta["settings"]) | set(self.settings)
-            if meta["settings"].get(key) != self.settings.get(key)
+            if value(meta["settings"], key) != value(self.settings, key)
         )
         if different:
             changes = ", ".join(
-                f"{key}: {meta['settings'].get(key)!r} then, {self.settings.get(key)!r} now"
+                f"{key}: {value(meta['settings'], key)!r} then, "
+                f"{value(self.settings, key)!r} now"
                 for key in different
             )
             raise RunFolderError(

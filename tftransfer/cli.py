@@ -67,9 +67,11 @@ def _add_run_commands(commands) -> None:
         help="suggest a learning rate (the range test, on cached features)",
         description="Run the learning-rate range test on DATA_DIR with train's "
         "options: an exponential ramp of the rate, one step per batch, stopped "
-        "when the loss diverges; the suggested rate is the valley of the loss "
-        "curve. The head phase runs on cached backbone features; fine-tune "
-        "first trains the head for --epochs, then runs on cached activations. "
+        "when the loss diverges. For the head, the suggested rate is the valley "
+        "of the loss curve (fastai's), on cached backbone features; fine-tune "
+        "first trains the head for --epochs, then runs on cached activations up "
+        "to 0.1 and suggests a tenth of the rate where the loss diverged, at "
+        "most a tenth of the head's rate. "
         "No run folder is written.")
     add_arguments(lr_find, TrainConfig)
     lr_find.add_argument("--phase", choices=("head", "fine-tune"), default="head",

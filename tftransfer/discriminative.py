@@ -10,8 +10,9 @@ so the optimizer is saved and loaded with the model.
 A block is what the backbone's layer names number: `block_16_*`
 (MobileNetV2), `conv_dw_13*`/`conv_pw_13*` (MobileNet), `conv5_block3_*`
 (ResNet), `block7a_*` (EfficientNet), `block5_conv3` (VGG, one per
-convolution). Layers named without a number (`top_conv`, `Conv_1`'s
-neighbours) form their own block where they stand.
+convolution; so are Xception's separable convolutions and InceptionV3's
+`conv2d_N`, where `F` therefore applies per layer). Layers named without a
+number (`top_conv`, `out_relu`) form their own block where they stand.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from tftransfer.backbones import ImagePreprocessing
 from tftransfer.cache import feature_cache_key, open_cache
 from tftransfer.checkpoint import restore_optimizer, restore_weights
 from tftransfer.distribute import distributed_fit
+from tftransfer.errors import SettingError
 from tftransfer.examples import SPLITS, feature_dataset, with_targets
 from tftransfer.graph import backbone_network, split_backbone
 from tftransfer.run_folder import HistoryCSV, RunFolder
@@ -152,9 +153,17 @@ class Engine:
         self.stats = {}  # Per stage: cache hits, computed and rebuilt entries.
         self.xla = {}  # Which stage ran with XLA, for the summary.
         self.from_activations = False
-        self.features = {}  # The head phase's backbone features, per split.
+        self.features = {}  # The head phase's validation features.
         # The learning-rate finder's results, per phase (resumed runs reuse them).
         self.found = run_folder.found_rates() if run_folder and state else {}
+        if self.workers.own_loop and "auto" in (schedule.learning_rate,
+                                                schedule.fine_tune_learning_rate):
+            # Each machine would test on its own share and the steps are
+            # not our loop's; a resumed worker could wait on the chief forever.
+            raise SettingError(
+                "A learning rate of \"auto\" is found on one machine: run "
+                "`tftransfer lr-find` with the same options, then pass the rate "
+                "it suggests to every worker.")
         self.history = keras.callbacks.History()
         self.history.set_model(model)
         self.history.history, self.history.epoch = {}, []
@@ -206,7 +215,8 @@ class Engine:
         datasets = {}
         for split in SPLITS:
             features = self.outputs(self.backbone, cache, split, "forward")
-            self.features[split] = features
+            if split == "validation":  # For the run's final predictions.
+                self.features[split] = features
             indices = np.arange(len(features), dtype="int32")
             datasets[split] = self.with_targets(
                 feature_dataset(features, indices, schedule.batch_size,
@@ -391,7 +401,11 @@ class Engine:
 
     def optimizer(self, phase: str) -> keras.optimizers.Optimizer:
         """A new optimizer for `phase`: Adam, one per block with `lr_decay`."""
-        if phase == "fine_tune" and self.schedule.lr_decay != 1:
+        from tftransfer.hub import hub_layer
+
+        # A TF-Hub backbone is one layer: one block, one rate.
+        if (phase == "fine_tune" and self.schedule.lr_decay != 1
+                and hub_layer(self.backbone) is None):
             from tftransfer.discriminative import discriminative_optimizer
 
             return discriminative_optimizer(backbone_network(self.backbone),
@@ -404,8 +418,8 @@ class Engine:
         Skipped when the rate is set, or was found before a resume. The
         finder steps on the phase's own training batches (features or
         activations when cached, so it costs seconds); the weights are put
-        back. A fine-tuning rate is at most a tenth of the head's. Every
-        worker takes the chief's suggestion.
+        back. A fine-tuning rate is at most a tenth of the head's. Not
+        across machines (`Engine` refuses it there).
         """
         from tftransfer.lr_find import FINE_TUNE_RANGE, lr_find
 
@@ -429,7 +443,7 @@ class Engine:
             # never move faster than a tenth of the head's rate.
             record["ceiling"] = self.rate("head") / 10
             suggested = min(suggested, record["ceiling"])
-        record["suggested_learning_rate"] = float(self.workers.chiefs(suggested))
+        record["suggested_learning_rate"] = float(suggested)
         self.found[phase] = record
         self.say(f"Suggested {phase.replace('_', '-')} learning rate: "
                  f"{record['suggested_learning_rate']:.3g} "

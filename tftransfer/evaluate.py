@@ -89,7 +89,7 @@ class ServedModel:
         self._loaded = tf.saved_model.load(self.path)
         self._serve = self._loaded.signatures["serving_default"]
         labels = os.path.join(self.path, "assets", "labels.txt")
-        with open(labels) as handle:
+        with open(labels, encoding="utf-8") as handle:
             self.class_names = [line.rstrip("\n") for line in handle if line.strip()]
 
     def predict_bytes(

@@ -67,7 +67,8 @@ def write_atomically(path: str, write: Callable, text: bool = False,
     try:
         os.chmod(tmp, mode)
         with os.fdopen(handle, "w" if text else "wb",
-                       **({"newline": ""} if text else {})) as stream:
+                       **({"newline": "", "encoding": "utf-8"} if text else {})
+                       ) as stream:
             write(stream)
         os.replace(tmp, path)
     except BaseException:

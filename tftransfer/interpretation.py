@@ -220,7 +220,7 @@ class Interpretation:
         Raises:
             ValueError: the file is not a predictions file.
         """
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if not header or tuple(header[:4]) != _FIXED_COLUMNS:

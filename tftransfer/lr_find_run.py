@@ -1,11 +1,13 @@
 """`tftransfer lr-find`: the learning-rate range test on an image folder.
 
 It reads the folder and builds the classifier as `train` would with the same
-options, then runs `lr_find` where `train` would train: on the cached
+options, then runs `lr_find` where `train` would train (same dtype policy): on the cached
 backbone features for the head phase; for the fine-tuning phase, after
 training the head for `--epochs`, on the cached activations below the
 unfrozen top. Features and activations go through the on-disk cache, so a
-`train` run after it does not compute them again. No run folder is written.
+`train` run after it does not compute them again. No run folder is written;
+options that only shape a run folder or a cluster (`--output`, `--tflite`,
+`--strategy`, `--class-weight`) have no effect.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tftransfer.backbones import load_backbone
 from tftransfer.engine import Engine
 from tftransfer.examples import FolderExamples
 from tftransfer.heads import build_classifier
+from tftransfer.precision import dtype_policy_scope
 from tftransfer.run import scan, schedule_of
 from tftransfer.settings import TrainConfig
 
@@ -49,6 +52,11 @@ def find_learning_rate(config: TrainConfig, phase: str = "head",
     phase = phase.replace("-", "_")
     if phase not in PHASES:
         raise ValueError(f"`phase` must be one of head, fine-tune. Received: {phase}")
+    with dtype_policy_scope(config.mixed_precision):  # As `train` runs.
+        return _find(config, phase, plot)
+
+
+def _find(config: TrainConfig, phase: str, plot: Optional[str]) -> dict:
     keras.utils.set_random_seed(config.seed)
     backbone = load_backbone(config.network, config.weights, config.image_size,
                              config.alpha)

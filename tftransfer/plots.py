@@ -175,4 +175,5 @@ def learning_rate_range(rates, losses, suggestion: Optional[float] = None):
 def _short(name: str, limit: int = 24) -> str:
     """A class name fit for an axis: one line, at most `limit` characters."""
     name = " ".join(str(name).split())
-    return name if len(name) <= limit else name[:limit - 1] + "…"
+    name = name if len(name) <= limit else name[:limit - 1] + "…"
+    return name.replace("$", r"\$")  # Not matplotlib's math text.

@@ -82,6 +82,8 @@ def write_report(folder: str, interpretation: Optional[Interpretation] = None,
     """
     os.makedirs(folder, exist_ok=True)
     sections = [f"<h1>{_text(title)}</h1>"]
+    if summary and summary.get("note"):
+        sections.append(f"<p><b>{_text(summary['note'])}</b></p>")
     if summary:
         rows = [(key, summary[key]) for key in _SUMMARY_KEYS
                 if summary.get(key) is not None]
@@ -122,16 +124,27 @@ def write_run_report(run_dir: str, output: Optional[str] = None) -> str:
     if not os.path.isfile(metrics_path):
         raise DataError(f"No finished run at {run_dir}: expected a run folder "
                         "holding metrics.json (written when a run ends).")
-    with open(metrics_path) as handle:
+    with open(metrics_path, encoding="utf-8") as handle:
         summary = json.load(handle)
     data = None
     data_path = os.path.join(run_dir, "data_report.json")
     if os.path.isfile(data_path):
-        with open(data_path) as handle:
+        with open(data_path, encoding="utf-8") as handle:
             data = json.load(handle)
     name = summary.get("backbone") or summary.get("student") or "run"
+    try:
+        interpretation = read_predictions(run_dir)
+    except (ValueError, IndexError) as error:
+        raise DataError(f"{run_dir}/predictions.csv cannot be read ({error}). "
+                        "`tftransfer evaluate RUN_DIR DATA_DIR --report DIR` "
+                        "writes a report from the model instead.") from error
+    if interpretation is None:
+        summary = {**summary, "note": (
+            "This run kept no predictions.csv (it predates them): no confusion "
+            "matrix, per-class scores or top losses. `tftransfer evaluate "
+            "RUN_DIR DATA_DIR --report DIR` writes them from the model.")}
     return write_report(
-        output or os.path.join(run_dir, REPORT_FOLDER), read_predictions(run_dir),
+        output or os.path.join(run_dir, REPORT_FOLDER), interpretation,
         read_history(os.path.join(run_dir, "history.csv")), summary, data,
         title=f"{os.path.basename(os.path.abspath(run_dir))}: {name}")
 
@@ -221,8 +234,8 @@ def _table(headings, rows, header: bool = True, raw_columns=()) -> str:
 def _link(path: Optional[str]) -> str:
     if not path:
         return ""
-    if not os.path.isabs(path):
-        return _text(path)
+    if not os.path.isabs(path) or not os.path.isfile(path):
+        return _text(path)  # Moved or deleted since: named, not linked.
     return f'<a href="{html.escape(pathlib.Path(path).as_uri())}">{_text(path)}</a>'
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -203,8 +204,15 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         "history": history.history,
     }
     started = time.perf_counter()
-    summary["report"] = _write_report(config, run_folder, summary, interpretation,
-                                      history, report, len(history.epoch) - 1)
+    try:
+        summary["report"] = _write_report(config, run_folder, summary,
+                                          interpretation, history, report,
+                                          len(history.epoch) - 1)
+    except Exception as error:  # The model is trained and exported: finish.
+        warnings.warn(f"The report could not be written ({type(error).__name__}: "
+                      f"{error}); the run is complete. Rebuild it with "
+                      f"`tftransfer report {run_folder.path}`.", stacklevel=2)
+        summary["report"] = None
     summary["report_seconds"] = round(time.perf_counter() - started, 2)
     run_folder.finish(summary)
     engine.compile_for_use(model)

@@ -260,10 +260,14 @@ class RunFolder:
         checkpoint, no history) or cuts the history back to `state`'s epoch.
         Then writes the data report.
         """
+        # report/ and logs/ are emptied only where a run wrote them: with
+        # --overwrite into a folder of other files, folders of those names
+        # are the user's.
+        holds_run = any(os.path.exists(self.file(name)) for name in RUN_MARKERS)
         _remove(self.file("metrics.json"))  # The folder is unfinished now.
         for name in ("model.tflite", "model.parity.json", PREDICTIONS_FILE):
             _remove(self.file(name))  # Made from the model this run replaces.
-        if os.path.isdir(self.file(REPORT_FOLDER)):
+        if holds_run and os.path.isdir(self.file(REPORT_FOLDER)):
             shutil.rmtree(self.file(REPORT_FOLDER))
         for name in ("saved_model", "model.keras"):
             recover_interrupted(self.file(name))
@@ -275,7 +279,8 @@ class RunFolder:
                 _remove(self.file(name))
         else:
             truncate_history(self.history_path, state["epoch"])
-        if self.is_chief:  # Finished epochs only, each once.
+        if self.is_chief and (holds_run or not os.path.exists(
+                self.file(LOGS_FOLDER))):  # Finished epochs only, each once.
             restart_logs(self.file(LOGS_FOLDER),
                          None if state is None else self.history())
         if report is not None:
@@ -286,7 +291,7 @@ class RunFolder:
         path = self.file(FOUND_RATES)
         if not os.path.exists(path):
             return {}
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             return json.load(handle)
 
     def save_found_rates(self, found: dict) -> None:

@@ -27,13 +27,23 @@ LOGS_FOLDER = "logs"
 class EpochTensorBoard(keras.callbacks.TensorBoard):
     """Keras' `TensorBoard` callback, per epoch only.
 
-    Keras also logs each validation pass against the optimizer's iterations
+    Its learning rate is one tag (`epoch_learning_rate`), the highest rate
+    with `--lr-decay`, as `history.csv` keeps it. Keras also logs each
+    validation pass against the optimizer's iterations
     (`evaluation_loss_vs_iterations`); each phase has its own optimizer, whose
     count starts again at 0, so those curves would fold back on themselves.
     """
 
     def on_test_end(self, logs=None):
         self._pop_writer()
+
+    def _collect_learning_rate(self, logs):
+        # One `learning_rate` tag in every phase and after a resume, as
+        # history.csv keeps it: with --lr-decay, the top block's (highest).
+        from tftransfer.run_folder import learning_rate_of
+
+        rate = learning_rate_of(self.model)
+        return logs if rate is None else {**logs, "learning_rate": rate}
 
 
 def logs_callback(log_dir: str) -> keras.callbacks.TensorBoard:

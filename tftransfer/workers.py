@@ -260,12 +260,6 @@ class Workers:
 
         return run(tf.constant(share)).numpy()
 
-    def chiefs(self, value: float) -> float:
-        """The chief's `value` (a number) on every worker."""
-        if not self.own_loop:
-            return value
-        return float(self._broadcast(np.array([value], "float32"))[0])
-
     def _broadcast(self, value: np.ndarray) -> np.ndarray:
         """The chief's `value` on every worker (others pass zeros, same shape)."""
         strategy = self.strategy
