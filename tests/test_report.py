@@ -263,8 +263,12 @@ def test_report_of_a_real_run(hymenoptera_mobilenet_v2_run):
         metrics["val_accuracy"], abs=1e-6)
     assert metrics["validation"]["num_images"] == 153
     text = open(metrics["report"], encoding="utf-8").read()
-    # The placeholder GIF the data holds is listed with its reason.
-    assert "imageNotFound.gif" in text
+    # The data section counts each class of each split.
+    with open(os.path.join(run, "data_report.json")) as handle:
+        counts = json.load(handle)["counts"]
+    row = ["bees", str(counts["train"]["bees"]), str(counts["validation"]["bees"])]
+    cells = page.cells
+    assert any(cells[i:i + 3] == row for i in range(len(cells)))
     assert "LiteRT file" in text and "tflite_accuracy" in text
 
 

@@ -53,6 +53,13 @@ class LRFinderResult:
         minimum_loss_learning_rate: The rate at the smoothed loss's minimum.
         stopped_early: The loss diverged before `max_learning_rate`.
         seconds: How long the test took.
+
+    Example:
+
+    >>> result = LRFinderResult([1e-4, 1e-3, 1e-2], [0.7, 0.5, 2.0], 1e-3, 1e-3,
+    ...                         True)
+    >>> result.record()["steps"], result.record()["suggested_learning_rate"]
+    (3, 0.001)
     """
 
     learning_rates: list

@@ -115,8 +115,21 @@ def write_run_report(run_dir: str, output: Optional[str] = None) -> str:
         run_dir: A finished run folder.
         output: Where to write. Defaults to `RUN_DIR/report`.
 
+    Returns:
+        The path of `report.html`.
+
     Raises:
-        DataError: `run_dir` holds no finished run.
+        DataError: `run_dir` holds no finished run, or its predictions.csv
+            cannot be read.
+
+    Example:
+
+    >>> import tempfile
+    >>> try:
+    ...     write_run_report(tempfile.mkdtemp())
+    ... except DataError as error:
+    ...     print("metrics.json" in str(error))
+    True
     """
     from tftransfer.run_folder import read_history
 
