@@ -11,21 +11,16 @@ Usage:
       ../shared/data/flowers128 --epochs 3 --fine-tune-epochs 2
 """
 
-import argparse
 import json
 import tempfile
 
+from lr_find import run_config, run_parser  # benchmarks/lr_find.py, beside this
+
 from tftransfer.run import train_run
-from tftransfer.settings import TrainConfig
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("data_dir")
-    parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--alpha", type=float, default=0.35)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--fine-tune-epochs", type=int, default=2)
+    parser = run_parser()
     parser.add_argument("--only", choices=("defaults", "auto"))
     args = parser.parse_args()
     results = {}
@@ -35,10 +30,8 @@ def main():
         if args.only not in (None, name):
             continue
         with tempfile.TemporaryDirectory() as folder:
-            summary = train_run(TrainConfig(
-                args.data_dir, backbone=args.backbone, alpha=args.alpha,
-                epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-                output=folder + "/run", cache_dir=folder + "/cache", verbose=0,
+            summary = train_run(run_config(
+                args, output=folder + "/run", cache_dir=folder + "/cache",
                 **rates)).summary
         images = summary["num_train"] + summary["num_validation"]
         results[name] = {key: summary.get(key) for key in (

@@ -65,17 +65,27 @@ def grid(network, train, validation, start, epochs):
     return results
 
 
-def main():
+def run_parser() -> argparse.ArgumentParser:
+    """The run both learning-rate benchmarks measure (auto_rates.py too)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir")
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--alpha", type=float, default=0.35)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--fine-tune-epochs", type=int, default=2)
-    args = parser.parse_args()
-    config = TrainConfig(args.data_dir, backbone=args.backbone, alpha=args.alpha,
-                         epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-                         cache_dir=tempfile.mkdtemp(), verbose=0)
+    return parser
+
+
+def run_config(args, **settings) -> TrainConfig:
+    """The `TrainConfig` of `run_parser`'s arguments, quiet, with `settings`."""
+    return TrainConfig(args.data_dir, backbone=args.backbone, alpha=args.alpha,
+                       epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+                       verbose=0, **settings)
+
+
+def main():
+    args = run_parser().parse_args()
+    config = run_config(args, cache_dir=tempfile.mkdtemp())
     keras.utils.set_random_seed(0)
     backbone = load_backbone(config.network, config.weights, None, config.alpha)
     size = int(backbone.input_shape[1])
@@ -109,11 +119,8 @@ def main():
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as output:
-        summary = train_run(TrainConfig(args.data_dir, backbone=args.backbone, alpha=args.alpha,
-                              epochs=args.epochs,
-                              fine_tune_epochs=args.fine_tune_epochs,
-                              output=output + "/run", cache_dir=output + "/cache",
-                              overwrite=True, verbose=0)).summary
+        summary = train_run(run_config(args, output=output + "/run",
+                                       cache_dir=output + "/cache")).summary
     run_seconds = time.perf_counter() - started
     print(f"report: {summary['report_seconds']:.1f} s = "
           f"{summary['report_seconds'] / run_seconds:.1%} of the run "

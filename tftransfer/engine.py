@@ -92,6 +92,10 @@ class Schedule:
     verbose: object = "auto"
     lr_decay: float = 1.0
 
+    def configured_rate(self, phase: str):
+        """`learning_rate` or `fine_tune_learning_rate`: a number or `"auto"`."""
+        return self.learning_rate if phase == "head" else self.fine_tune_learning_rate
+
     @property
     def end(self) -> int:
         return self.epochs + self.fine_tune_epochs
@@ -390,9 +394,7 @@ class Engine:
 
     def rate(self, phase: str) -> float:
         """The learning rate of `phase`: the schedule's, or the finder's."""
-        schedule = self.schedule
-        rate = (schedule.learning_rate if phase == "head"
-                else schedule.fine_tune_learning_rate)
+        rate = self.schedule.configured_rate(phase)
         if rate != "auto":
             return rate
         if phase in self.found:
@@ -421,12 +423,9 @@ class Engine:
         back. A fine-tuning rate is at most a tenth of the head's. Not
         across machines (`Engine` refuses it there).
         """
-        from tftransfer.lr_find import FINE_TUNE_RANGE, lr_find
+        from tftransfer.lr_find import FINE_TUNE_RANGE, lr_find, plot_record
 
-        schedule = self.schedule
-        configured = (schedule.learning_rate if phase == "head"
-                      else schedule.fine_tune_learning_rate)
-        if configured != "auto" or phase in self.found:
+        if self.schedule.configured_rate(phase) != "auto" or phase in self.found:
             return
         self.say(f"Finding the {phase.replace('_', '-')} learning rate ...")
         if self.task.extras("train") is not None:
@@ -450,7 +449,7 @@ class Engine:
                  f"({record['steps']} steps, {record['seconds']:.1f} s)")
         if self.run_folder is not None and self.workers.is_chief:
             self.run_folder.save_found_rates(self.found)
-            result.plot(self.run_folder.file(f"lr_find_{phase}.png"))
+            plot_record(record, self.run_folder.file(f"lr_find_{phase}.png"))
 
     def compile_for_use(self, model: Optional[keras.Model] = None) -> None:
         """Leaves `model` compiled, so that `evaluate` and `predict` work.

@@ -84,10 +84,16 @@ class LRFinderResult:
     def plot(self, path: str) -> Optional[str]:
         """Draws the smoothed loss against the rate, the suggestion marked, as a
         PNG; returns `path`, or `None` with a warning if it cannot be drawn."""
-        from tftransfer.plots import draw, learning_rate_range
+        return plot_record(self.record(), path)
 
-        return draw(learning_rate_range, path, self.learning_rates, self.losses,
-                    self.suggested_learning_rate)
+
+def plot_record(record: dict, path: str) -> Optional[str]:
+    """`LRFinderResult.plot` of a `record()`, whose suggestion a caller may have
+    changed (the engine caps fine-tuning's)."""
+    from tftransfer.plots import draw, learning_rate_range
+
+    return draw(learning_rate_range, path, record["learning_rates"],
+                record["losses"], record["suggested_learning_rate"])
 
 
 def lr_find(model: keras.Model, train, loss=None,

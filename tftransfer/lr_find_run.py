@@ -22,6 +22,7 @@ from tftransfer.backbones import load_backbone
 from tftransfer.engine import Engine
 from tftransfer.examples import FolderExamples
 from tftransfer.heads import build_classifier
+from tftransfer.lr_find import plot_record
 from tftransfer.precision import dtype_policy_scope
 from tftransfer.run import scan, schedule_of
 from tftransfer.settings import TrainConfig
@@ -78,9 +79,5 @@ def _find(config: TrainConfig, phase: str, plot: Optional[str]) -> dict:
     engine.find_rate(phase, network, train)
     record = dict(engine.found[phase], phase=phase, plot=None)
     if plot:
-        from tftransfer.plots import draw, learning_rate_range
-
-        record["plot"] = draw(learning_rate_range, os.fspath(plot),
-                              record["learning_rates"], record["losses"],
-                              record["suggested_learning_rate"])
+        record["plot"] = plot_record(record, os.fspath(plot))
     return record

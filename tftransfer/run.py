@@ -277,8 +277,8 @@ def _evaluate(model, engine, everything: FolderExamples, history) -> tuple:
     else:
         interpretation = Interpretation.from_model(
             model, everything.images("validation"), names, paths)
-        metrics.update(val_accuracy=interpretation.accuracy,
-                       val_loss=interpretation.metrics()["loss"])
+        scores = interpretation.metrics()
+        metrics.update(val_accuracy=scores["accuracy"], val_loss=scores["loss"])
     if everything.folder.used("test"):
         loss, accuracy = evaluate_classifier(model, everything.images("test"))
         metrics.update({"test_accuracy": accuracy, "test_loss": loss})

@@ -42,7 +42,7 @@ from tftransfer.files import (
 )
 from tftransfer.interpretation import PREDICTIONS_FILE
 from tftransfer.report import REPORT_FOLDER
-from tftransfer.tensorboard import LOGS_FOLDER, restart_logs
+from tftransfer.tensorboard import LOGS_FOLDER, learning_rate_of, restart_logs
 
 try:  # POSIX only; elsewhere runs are not locked against each other.
     import fcntl
@@ -92,18 +92,6 @@ class HistoryCSV(keras.callbacks.Callback):
             writer.writerow(row)
             handle.flush()
             os.fsync(handle.fileno())
-
-
-def learning_rate_of(model: keras.Model) -> Optional[float]:
-    """The learning rate `model`'s optimizer is at: the highest of several
-    (`MultiOptimizer`), or `None` if it has none."""
-    optimizer = getattr(model, "optimizer", None)
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    optimizers = getattr(optimizer, "optimizers", None) or [optimizer]
-    rates = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in optimizers
-             if isinstance(o, keras.optimizers.Optimizer)
-             and not hasattr(o, "optimizers")]
-    return max(rates) if rates else None
 
 
 def read_history(path: str) -> dict:

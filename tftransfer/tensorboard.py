@@ -40,10 +40,20 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     def _collect_learning_rate(self, logs):
         # One `learning_rate` tag in every phase and after a resume, as
         # history.csv keeps it: with --lr-decay, the top block's (highest).
-        from tftransfer.run_folder import learning_rate_of
-
         rate = learning_rate_of(self.model)
         return logs if rate is None else {**logs, "learning_rate": rate}
+
+
+def learning_rate_of(model: keras.Model) -> Optional[float]:
+    """The learning rate `model`'s optimizer is at: the highest of several
+    (`MultiOptimizer`), or `None` if it has none."""
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    optimizers = getattr(optimizer, "optimizers", None) or [optimizer]
+    rates = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in optimizers
+             if isinstance(o, keras.optimizers.Optimizer)
+             and not hasattr(o, "optimizers")]
+    return max(rates) if rates else None
 
 
 def logs_callback(log_dir: str) -> keras.callbacks.TensorBoard:
