@@ -15,7 +15,13 @@ import pytest
 from conftest import last_json
 from odd_files import write_odd_files
 
-from tftransfer import ServedModel, TrainConfig, load_backbone, train_run
+from tftransfer import (
+    Interpretation,
+    ServedModel,
+    TrainConfig,
+    load_backbone,
+    train_run,
+)
 from tftransfer.checkpoint import RunCheckpoint
 from tftransfer.cli import main
 from tftransfer.files import recover_interrupted
@@ -178,14 +184,34 @@ def test_killed_export_leaves_the_previous_model_whole(trained_run, scenes_dir,
     assert sorted(os.listdir(tmp_path)) == ["saved_model"]
 
 
-def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_path):
+def _count_backbone_passes(monkeypatch) -> list:
+    """Records `(network name, images)` of every forward pass over images."""
+    from tftransfer import cache
+
+    passes, forward = [], cache._forward_batches
+
+    def counted(network, paths, *args, **kwargs):
+        passes.append((network.name, len(paths)))
+        return forward(network, paths, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "_forward_batches", counted)
+    return passes
+
+
+def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_path,
+                                                                 monkeypatch):
     config = TrainConfig(scenes_dir, output=str(tmp_path / "run"), backbone="vgg16",
                          weights=None, image_size=32, epochs=10, fine_tune_epochs=3,
                          fine_tune_layers=4, learning_rate=0.01,
                          cache_dir=str(tmp_path / "cache"), verbose=0)
+    passes = _count_backbone_passes(monkeypatch)
     summary = train_run(config).summary
+    images = summary["num_train"] + summary["num_validation"]
+    # One pass yields both the head's features and the activations at the cut.
+    assert passes == [("backbone_pair", summary["num_train"]),
+                      ("backbone_pair", summary["num_validation"])]
     activations = summary["fine_tune_activations"]
-    assert activations["computed"] == summary["num_train"] + summary["num_validation"]
+    assert activations["computed"] == images == summary["features"]["computed"]
     keras.utils.set_random_seed(config.seed)  # train_run's backbone, before training
     initial = load_backbone("vgg16", None, 32).layers[-1]
     trained = keras.saving.load_model(summary["model"]).get_layer("backbone").layers[-1]
@@ -204,10 +230,35 @@ def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_
     accuracy = float(np.mean(probabilities.argmax(-1) == labels))
     assert abs(accuracy - summary["val_accuracy"]) < 1e-6
 
+    passes.clear()
     second = train_run(TrainConfig(**{**config.__dict__, "overwrite": True})).summary
-    assert second["features"]["hits"] == summary["num_train"] + summary["num_validation"]
+    assert passes == []  # Warm: the backbone never runs.
+    assert second["features"]["hits"] == images
     assert second["features"]["computed"] == 0
     assert second["fine_tune_activations"]["computed"] == 0
+    # The predictions, made from the float32 validation activations, are the
+    # served model's.
+    written = Interpretation.read(os.path.join(second["run_dir"], "predictions.csv"))
+    assert len(written.paths) == len(validation)
+    np.testing.assert_allclose(
+        written.probabilities,
+        ServedModel(second["saved_model"]).predict_files(written.paths), atol=1e-5)
+
+
+def test_without_a_cache_activations_spill_to_a_folder_removed_after(
+        scenes_dir, tmp_path, monkeypatch, capsys):
+    passes = _count_backbone_passes(monkeypatch)
+    config = TrainConfig(scenes_dir, output=str(tmp_path / "run"), backbone="vgg16",
+                         weights=None, image_size=32, epochs=2, fine_tune_epochs=1,
+                         fine_tune_layers=4, cache=False)
+    summary = train_run(config).summary
+    said = capsys.readouterr().out
+    assert "features are kept in memory (" in said
+    spill = said.split("activations are written to ")[1].split(" and removed")[0]
+    assert "tftransfer-activations-" in spill and not os.path.exists(spill)
+    assert summary["fine_tune_activations"]["computed"] == (
+        summary["num_train"] + summary["num_validation"])
+    assert [name for name, _ in passes] == ["backbone_pair", "backbone_pair"]
 
 
 def test_files_the_user_had_are_never_replaced(scenes_dir, tmp_path, capsys):

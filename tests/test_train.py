@@ -79,3 +79,34 @@ def test_jit_auto_follows_the_measurements_on_cpu():
         assert jit_for("auto", mirrored) is False
     with pytest.raises(ValueError, match="must be one of"):
         jit_for("yes", head)
+
+
+def test_fine_tuning_rate_warms_up_linearly_over_a_fraction_of_an_epoch(scenes_dir):
+    import keras
+    import pytest
+
+    from tftransfer import TrainConfig
+
+    data = image_folder_datasets(scenes_dir, image_size=32, batch_size=4)
+    steps = sum(1 for _ in data.train)
+    model = build_classifier(load_backbone("vgg16", weights=None, image_size=32), 3)
+    rates = []
+
+    class Rates(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            rates.append(float(self.model.optimizer.learning_rate))
+
+    fine_tune(model, data.train, data.validation, epochs=1, fine_tune_epochs=2,
+              fine_tune_layers=4, fine_tune_learning_rate=1e-3,
+              fine_tune_warmup=0.5, batch_size=4, callbacks=[Rates()], verbose=0)
+    warmup = round(0.5 * steps)
+    head, tuned = rates[:steps], rates[steps:]
+    assert head == pytest.approx([0.01] * steps)  # The head phase has none.
+    assert len(tuned) == 2 * steps and warmup >= 2
+    # From 0, in equal steps, to the rate; then flat.
+    assert tuned[:warmup] == pytest.approx(
+        [1e-3 * step / warmup for step in range(warmup)])
+    assert tuned[warmup:] == pytest.approx([1e-3] * (2 * steps - warmup))
+
+    with pytest.raises(ValueError, match="fine_tune_warmup"):
+        TrainConfig(scenes_dir, backbone="vgg16", fine_tune_warmup=1.5)

@@ -1,5 +1,7 @@
 """tftransfer: transfer learning for image folders with Keras 3 on TensorFlow."""
 
+# First: it notes when the package started importing (see `Timings`).
+import tftransfer.timings  # noqa: F401, I001
 from tftransfer.backbones import (
     BackboneSpec,
     ImagePreprocessing,

@@ -311,9 +311,9 @@ def cached_outputs(
     paths: list,
     digests: list,
     image_size: int,
-    cache: Optional[FeatureCache],
+    cache,
     batch_size: int = 32,
-    keep: bool = True,
+    keep=True,
     verbose="auto",
     jit_compile: bool = False,
 ) -> tuple:
@@ -323,17 +323,26 @@ def cached_outputs(
     each output is written to the cache as its batch comes out, so a run killed
     half-way keeps what it computed.
 
+    A network with several outputs fills several caches in the same pass: the
+    fine-tuning run's pooled features and the activations at the backbone's
+    cut both come from one forward pass per image. Pass one cache (or `None`)
+    per output and, if wanted, one `keep` per output; outputs and stats then
+    come as tuples, in the network's output order. An image missing from any
+    of the caches is computed.
+
     Args:
         network: A frozen model taking pixels in 0..255; or, with
             `image_size=None`, a callable taking a batch of encoded image bytes.
         paths: Image files.
         digests: SHA-256 of each file's content, as from `scan_image_folder`.
         image_size: Side images are resized to, or `None` to pass raw bytes.
-        cache: A `FeatureCache`, or `None` to compute everything in memory.
+        cache: A `FeatureCache`, or `None` to compute everything in memory;
+            or a list of them, one per output of `network`.
         batch_size: Images per forward pass. Defaults to `32`.
         keep: Return the outputs as one array. With `False` (outputs too big to
             hold, e.g. activations for fine-tuning) only the cache is filled and
-            `None` is returned. Defaults to `True`.
+            `None` is returned. A list gives one value per cache. Defaults to
+            `True`.
         verbose: Progress bar over the batches computed: `0` for none, `1` or
             `"auto"` for one. Defaults to `"auto"`.
         jit_compile: Compile the forward pass with XLA (see `train.jit_for`).
@@ -342,9 +351,10 @@ def cached_outputs(
     Returns:
         `(outputs, stats)`: `outputs` is a float32 array with one row per path,
         in order (or `None` when `keep=False`); `stats` is a
-        `CacheStats(hits, computed, rebuilt)`: images found in the cache,
-        distinct images computed (identical files are computed once), and
-        entries found corrupt and computed again.
+        `CacheStats(hits, computed, rebuilt)`: images found in the cache (in
+        every cache, with several), distinct images computed (identical files
+        are computed once), and entries found corrupt and computed again.
+        With a list of caches, a tuple of outputs and a tuple of stats.
 
     Raises:
         ValueError: if `paths` is empty and `keep` is `True`.
@@ -371,59 +381,91 @@ def cached_outputs(
     >>> stats, bool((again == features).all())
     (CacheStats(hits=12, computed=0, rebuilt=0), True)
     """
-    outputs = [None] * len(paths)
-    todo, rebuilt = [], 0
+    several = isinstance(cache, (list, tuple))
+    caches = list(cache) if several else [cache]
+    keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(caches)
+    if len(keeps) != len(caches):
+        raise ValueError("`keep` needs one value per cache. "
+                         f"Received: {len(caches)} caches, keep={keep!r}")
+    kept = [[None] * len(paths) for _ in caches]
+    todo, rebuilt = [], [0] * len(caches)
     for index, digest in enumerate(digests):
-        array, status = cache.load(digest) if cache else (None, "miss")
-        if array is not None:
-            outputs[index] = array if keep else True
-        else:
+        missing = False
+        for which, store in enumerate(caches):
+            array, status = store.load(digest) if store else (None, "miss")
+            if array is None:
+                missing = True
+                rebuilt[which] += status == "corrupt"
+            elif keeps[which]:
+                kept[which][index] = array
+        if missing:
             todo.append(index)
-            rebuilt += status == "corrupt"
     # Identical files are computed once.
     unique = {}
     for index in todo:
         unique.setdefault(digests[index], index)
     if unique:
         order = list(unique.values())
-        indices = np.array(order, "int32")
-        if image_size is None:
-            # The network decodes itself (an exported SavedModel's raw-bytes
-            # signature), so it sees exactly what it sees when serving.
-            forward = network
-            dataset = (
-                tf.data.Dataset.from_tensor_slices(([paths[i] for i in order], indices))
-                .map(lambda path, index: (tf.io.read_file(path), index),
-                     num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(batch_size)
-                .prefetch(tf.data.AUTOTUNE)
-            )
+        for indices, values in _forward_batches(network, [paths[i] for i in order],
+                                                np.array(order, "int32"), image_size,
+                                                batch_size, verbose, jit_compile):
+            if not several:
+                values = [values]
+            for which, store in enumerate(caches):
+                for index, value in zip(indices, values[which]):
+                    if store is not None:
+                        store = caches[which] = _store(store, paths[index],
+                                                       digests[index], value)
+                    if keeps[which]:
+                        kept[which][index] = value
+        for which in range(len(caches)):
+            for index in todo:
+                kept[which][index] = kept[which][unique[digests[index]]]
+    results = []
+    for which in range(len(caches)):
+        stats = CacheStats(len(paths) - len(todo), len(unique), rebuilt[which])
+        if not keeps[which]:
+            results.append((None, stats))
+        elif not paths:
+            raise ValueError("Cannot compute features of an empty list of images.")
         else:
-            forward = tf.function(
-                lambda pixels: network(pixels, training=False),
-                input_signature=[tf.TensorSpec([None, image_size, image_size, 3])],
-                jit_compile=jit_compile,
-            )
-            dataset = make_dataset([paths[i] for i in order], indices, image_size,
-                                   batch_size)
-        steps = -(-len(order) // batch_size)
-        bar = keras.utils.Progbar(
-            steps, unit_name="batch", verbose=1 if verbose == "auto" else verbose
+            results.append((np.stack(kept[which]).astype("float32", copy=False), stats))
+    if several:
+        return tuple(r[0] for r in results), tuple(r[1] for r in results)
+    return results[0]
+
+
+def _forward_batches(network, paths: list, indices: np.ndarray, image_size,
+                     batch_size: int, verbose, jit_compile: bool):
+    """Yields `(indices, outputs)` of `network` over the images, batch by batch.
+
+    `outputs` is a NumPy array, or a list of them for a network with several
+    outputs. Images are decoded in a `tf.data` pipeline that overlaps the
+    forward passes.
+    """
+    if image_size is None:
+        # The network decodes itself (an exported SavedModel's raw-bytes
+        # signature), so it sees exactly what it sees when serving.
+        forward = network
+        dataset = (
+            tf.data.Dataset.from_tensor_slices((paths, indices))
+            .map(lambda path, index: (tf.io.read_file(path), index),
+                 num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE)
         )
-        for step, (pixels, indices) in enumerate(dataset, 1):
-            values = forward(pixels).numpy()
-            for index, value in zip(indices.numpy(), values):
-                if cache is not None:
-                    cache = _store(cache, paths[index], digests[index], value)
-                    if not keep:
-                        value = None
-                outputs[index] = value if keep else True
-            bar.update(step)
-        for index in todo:
-            outputs[index] = outputs[unique[digests[index]]]
-    stats = CacheStats(len(paths) - len(todo), len(unique), rebuilt)
-    if not keep:
-        return None, stats
-    if not outputs:
-        raise ValueError("Cannot compute features of an empty list of images.")
-    return np.stack(outputs).astype("float32", copy=False), stats
+    else:
+        forward = tf.function(
+            lambda pixels: network(pixels, training=False),
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3])],
+            jit_compile=jit_compile,
+        )
+        dataset = make_dataset(paths, indices, image_size, batch_size)
+    steps = -(-len(paths) // batch_size)
+    bar = keras.utils.Progbar(
+        steps, unit_name="batch", verbose=1 if verbose == "auto" else verbose
+    )
+    for step, (pixels, batch_indices) in enumerate(dataset, 1):
+        values = keras.tree.map_structure(lambda v: v.numpy(), forward(pixels))
+        yield batch_indices.numpy(), values
+        bar.update(step)

@@ -25,7 +25,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 
 # Settings added after checkpoints were first written, with the value a
 # checkpoint without them was trained with: such a run still resumes.
-ADDED_SETTINGS = {"lr_decay": 1.0}
+ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": 0.0}
 
 
 class RunCheckpoint:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 
 from tftransfer.errors import SettingError, TransferError
@@ -401,6 +402,9 @@ def main(argv=None) -> int:
     bug: its traceback, a line saying so, and exit status 1.
     """
     args = build_parser().parse_args(argv)
+    from tftransfer.timings import IMPORTED
+
+    started = time.perf_counter()
     try:
         result, lines = COMMANDS[args.command](args)
     except TransferError as error:
@@ -415,6 +419,10 @@ def main(argv=None) -> int:
               "input: please report it with the traceback above.", file=sys.stderr)
         return 1
     print("\n".join(lines), flush=True)
+    if isinstance(result, dict) and isinstance(result.get("timings"), dict):
+        # The process's own cost before the command ran: imports, parsing.
+        result["timings"] = {"imports": round(started - IMPORTED, 2),
+                             **result["timings"]}
     if getattr(args, "json", False):
         print(json.dumps(result, default=str), flush=True)
     return 0

@@ -57,7 +57,8 @@ def unfrozen_blocks(network: keras.Model) -> list:
 
 
 def discriminative_optimizer(network: keras.Model, learning_rate: float,
-                             lr_decay: float) -> keras.optimizers.Optimizer:
+                             lr_decay: float,
+                             warmup_steps: int = 0) -> keras.optimizers.Optimizer:
     """Adam at `learning_rate` for everything but the lower unfrozen blocks of
     `network`, which get `learning_rate * lr_decay**depth`.
 
@@ -65,6 +66,8 @@ def discriminative_optimizer(network: keras.Model, learning_rate: float,
         network: The backbone's network, its top unfrozen (`unfreeze_top`).
         learning_rate: The top block's (and the head's) rate.
         lr_decay: Each lower block's factor, in (0, 1]. `1`: a plain Adam.
+        warmup_steps: Each rate rises linearly from 0 over this many steps
+            (`linear_warmup`). Defaults to `0`.
 
     Returns:
         A `keras.optimizers.MultiOptimizer`, or an `Adam` when `lr_decay`
@@ -83,15 +86,19 @@ def discriminative_optimizer(network: keras.Model, learning_rate: float,
     >>> sorted(round(float(o.learning_rate), 8) for o in optimizer.optimizers)
     [0.00025, 0.0005, 0.001]
     """
+    from tftransfer.train import linear_warmup
+
     blocks = unfrozen_blocks(network)
     if lr_decay == 1 or len(blocks) < 2:
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps))
     optimizers = {}
     for depth, layers in enumerate(blocks[1:], start=1):
         paths = "|".join(re.escape(v.path) for layer in layers
                          for v in layer.trainable_weights)
         optimizers[f"(?:{paths})"] = keras.optimizers.Adam(
-            learning_rate * lr_decay ** depth, name=f"adam_block_{depth}")
-    default = keras.optimizers.Adam(learning_rate, name="adam_top")
+            linear_warmup(learning_rate * lr_decay ** depth, warmup_steps),
+            name=f"adam_block_{depth}")
+    default = keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps),
+                                    name="adam_top")
     return keras.optimizers.MultiOptimizer(
         keras.optimizers.OptimizerMap(default, optimizers))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Optional
 
 import keras
@@ -42,10 +43,12 @@ from tftransfer.graph import backbone_network, split_backbone
 from tftransfer.run_folder import HistoryCSV, RunFolder
 from tftransfer.settings import FINE_TUNE_LEARNING_RATE, HEAD_LEARNING_RATE
 from tftransfer.tensorboard import LOGS_FOLDER, logs_callback
+from tftransfer.timings import Timings
 from tftransfer.train import (
     compile_classifier,
     default_fine_tune_layers,
     jit_for,
+    linear_warmup,
     unfreeze_top,
 )
 from tftransfer.workers import Workers
@@ -73,6 +76,8 @@ class Schedule:
         lr_decay: Each lower block of the unfrozen backbone learns this many
             times as fast as the block above it (see `discriminative_optimizer`).
             Defaults to `1.0`: one rate.
+        fine_tune_warmup: Fine-tuning's rate rises linearly from 0 over this
+            fraction of its first epoch (`linear_warmup`). Defaults to `0.0`.
 
     `learning_rate` and `fine_tune_learning_rate` may be `"auto"`: the
     learning-rate finder (`lr_find`) runs before the phase, on its cached
@@ -91,6 +96,7 @@ class Schedule:
     cache_dir: Optional[str] = None
     verbose: object = "auto"
     lr_decay: float = 1.0
+    fine_tune_warmup: float = 0.0
 
     def configured_rate(self, phase: str):
         """`learning_rate` or `fine_tune_learning_rate`: a number or `"auto"`."""
@@ -136,12 +142,14 @@ class Engine:
         state: The checkpoint to resume from, or `None`.
         callbacks: The user's Keras callbacks, passed to every `fit`.
         class_weight: `{label: weight}`, as in `fit`, or `None`.
+        timings: A `Timings` the stages are added to. Defaults to a new one.
     """
 
     def __init__(self, model: keras.Model, examples, schedule: Schedule, task=None,
                  workers: Optional[Workers] = None,
                  run_folder: Optional[RunFolder] = None, state: Optional[dict] = None,
-                 callbacks=(), class_weight: Optional[dict] = None):
+                 callbacks=(), class_weight: Optional[dict] = None,
+                 timings: Optional[Timings] = None):
         self.model = model
         self.backbone = model.get_layer("backbone")
         self.head = model.get_layer("head")
@@ -153,6 +161,7 @@ class Engine:
         self.state = state
         self.callbacks = list(callbacks or [])
         self.class_weight = class_weight
+        self.timings = timings or Timings()
         self.cache_dir = None if schedule.augment else schedule.cache_dir
         self.stats = {}  # Per stage: cache hits, computed and rebuilt entries.
         self.xla = {}  # Which stage ran with XLA, for the summary.
@@ -200,7 +209,8 @@ class Engine:
         schedule = self.schedule
         if self.start >= schedule.epochs:
             return
-        network, train, validation = self.head_data()
+        with self.timings.stage("features"):
+            network, train, validation = self.head_data()
         self.find_rate("head", network, train)
         self.fit(network, "head", train, validation, schedule.epochs, network)
 
@@ -215,16 +225,26 @@ class Engine:
             return (self.model, self.images("train", shuffle=True),
                     self.images("validation"))
         cache = self.open_cache(self.backbone)
-        self.say("Computing backbone features ...")
+        # Fine-tuning to come: the same pass yields the activations at the cut.
+        pair = self.pair_network() if schedule.fine_tune_epochs else None
+        self.say("Computing backbone features"
+                 + (" and the activations at the fine-tuning cut ..." if pair
+                    else " ..."))
         datasets = {}
         for split in SPLITS:
-            features = self.outputs(self.backbone, cache, split, "forward")
+            if pair is not None:
+                caches = self.activation_caches()
+                features, _ = self.outputs(pair, [cache, caches[split]], split,
+                                           ("forward", "activations"), keep=(True, False))
+            else:
+                features = self.outputs(self.backbone, cache, split, "forward")
             if split == "validation":  # For the run's final predictions.
                 self.features[split] = features
             indices = np.arange(len(features), dtype="int32")
             datasets[split] = self.with_targets(
                 feature_dataset(features, indices, schedule.batch_size,
                                 shuffle=split == "train", seed=schedule.seed), split)
+        self.activations_filled = pair is not None
         self.say_cache("Features", "forward", cache)
         return self.head, datasets["train"], datasets["validation"]
 
@@ -233,7 +253,8 @@ class Engine:
         schedule = self.schedule
         if schedule.fine_tune_epochs == 0 or self.start >= schedule.end:
             return
-        network, train, validation = self.fine_tune_data()
+        with self.timings.stage("activations"):
+            network, train, validation = self.fine_tune_data()
         self.find_rate("fine_tune", network, train)
         self.fit(network, "fine_tune", train, validation, schedule.end, self.model)
         self.backbone.trainable = False
@@ -245,89 +266,199 @@ class Engine:
         the graph can be cut and there is a cache, else the whole model on
         the images.
         """
-        schedule = self.schedule
-        num_layers = schedule.fine_tune_layers or default_fine_tune_layers(self.backbone)
-        unfreeze_top(self.backbone, num_layers)
-        activations = self.activations(num_layers)
-        if activations is None:
+        unfreeze_top(self.backbone, self.fine_tune_layers)
+        caches = self.activations()
+        if caches is None:
             return self.model, self.images("train", shuffle=True), self.images(
                 "validation")
-        cache, top = activations
-        shape = tuple(top.input.shape[1:])
         train, validation = (
-            self.with_targets(cache.dataset(
-                self.examples.digests(split),
-                np.arange(len(self.examples.digests(split)), dtype="int32"),
-                shape, schedule.batch_size, shuffle=split == "train",
-                seed=schedule.seed), split)
+            self.with_targets(self.activation_dataset(caches[split], split,
+                                                      shuffle=split == "train"),
+                              split)
             for split in SPLITS)
-        inputs = keras.Input(shape, name="activations")
-        network = keras.Model(inputs, self.head(top(inputs, training=False)),
-                              name="classifier_top")
         self.from_activations = True
-        return network, train, validation
+        return self.top_network(), train, validation
 
-    def activations(self, num_layers: int) -> Optional[tuple]:
-        """Caches the activations below the top `num_layers` layers.
+    @property
+    def fine_tune_layers(self) -> int:
+        """How many of the backbone's top layers fine-tuning unfreezes."""
+        return self.schedule.fine_tune_layers or default_fine_tune_layers(self.backbone)
+
+    def cut(self) -> Optional[tuple]:
+        """`(bottom, top)` of the backbone below and above the fine-tuned
+        layers (`split_backbone`), or `None` when its graph cannot be cut."""
+        if not hasattr(self, "_cut"):
+            self._cut = split_backbone(self.backbone, self.fine_tune_layers)
+            if self._cut is None:
+                self.say("The backbone's graph cannot be cut below its top "
+                         f"{self.fine_tune_layers} layers; fine-tuning runs on the "
+                         "images.")
+        return self._cut
+
+    def top_network(self) -> keras.Model:
+        """The head on the backbone's top: what fine-tuning trains on activations."""
+        if not hasattr(self, "_top_network"):
+            top = self.cut()[1]
+            inputs = keras.Input(tuple(top.input.shape[1:]), name="activations")
+            self._top_network = keras.Model(
+                inputs, self.head(top(inputs, training=False)), name="classifier_top")
+        return self._top_network
+
+    def pair_network(self) -> Optional[keras.Model]:
+        """The backbone with two outputs, the pooled features and the
+        activations at the cut, so that one pass over the images serves both
+        phases; or `None` when the activations cannot be cached."""
+        if self.start >= self.schedule.epochs or self.activation_caches() is None:
+            return None
+        bottom, top = self.cut()
+        return keras.Model(bottom.inputs, [top(bottom.output), bottom.output],
+                           name="backbone_pair")
+
+    def activation_caches(self) -> Optional[dict]:
+        """The caches of the bottom's activations, per split, or `None`.
+
+        Training activations are stored as float16 (they are read every
+        epoch: half the disk and the reads); validation ones as float32, so
+        that the final predictions made from them are the served model's.
+        Without a cache folder they spill to a temporary folder, removed at
+        the end of the run: the process never holds them in memory.
+        """
+        if hasattr(self, "_activation_caches"):
+            return self._activation_caches
+        self._activation_caches = None
+        if self.schedule.augment or self.cut() is None:
+            return None
+        directory = self.cache_dir or self.spill_folder()
+        if directory is None:
+            return None
+        bottom, top = self.cut()
+        where = [len(top.layers), list(top.input.shape)]
+        caches = {split: self.open_cache(bottom, dtype, directory, cut=where)
+                  for split, dtype in (("train", "float16"),
+                                       ("validation", "float32"))}
+        if all(caches.values()):
+            self._activation_caches = caches
+        return self._activation_caches
+
+    def spill_folder(self) -> Optional[str]:
+        """A temporary folder for activations when there is no cache folder."""
+        import tempfile
+
+        try:
+            self._spill = tempfile.TemporaryDirectory(prefix="tftransfer-activations-")
+        except OSError as error:
+            self.say(f"No temporary folder for activations ({error}); fine-tuning "
+                     "runs on the images.")
+            return None
+        totals = self.examples.totals
+        size = (totals["train"] + totals["validation"]) * 4 * int(
+            self.backbone.output_shape[-1])
+        self.say(f"No feature cache: features are kept in memory ({size / 2**20:.1f} "
+                 f"MiB), activations are written to {self._spill.name} and removed "
+                 "at the end of the run.")
+        return self._spill.name
+
+    def activation_dataset(self, cache, split: str, shuffle: bool = False):
+        """`(activations, index)` batches of a split, streamed from `cache`."""
+        digests = self.examples.digests(split)
+        return cache.dataset(digests, np.arange(len(digests), dtype="int32"),
+                             tuple(self.cut()[1].input.shape[1:]),
+                             self.schedule.batch_size, shuffle=shuffle,
+                             seed=self.schedule.seed)
+
+    def activations(self) -> Optional[dict]:
+        """Caches the activations below the top `fine_tune_layers` layers.
+
+        The head phase's pass filled them already unless it was skipped (a
+        resumed run) or ran on augmented images.
 
         Returns:
-            `(cache, top)`, or `None` to fine-tune on the images (no cache, a
-            graph that cannot be cut, or entries that could not be written).
+            The caches per split, or `None` to fine-tune on the images (no
+            cache, a graph that cannot be cut, or entries that could not be
+            written).
         """
-        if not self.cache_dir:
-            return None
-        cut = split_backbone(self.backbone, num_layers)
-        if cut is None:
-            self.say(f"The backbone's graph cannot be cut below its top {num_layers} "
-                     "layers; fine-tuning runs on the images.")
-            return None
-        bottom, top = cut
-        # float16 halves the disk and reads of activations, which are big.
-        cache = self.open_cache(bottom, dtype="float16",
-                                cut=[len(top.layers), list(top.input.shape)])
-        if cache is not None:
-            self.say(f"Computing activations below the top {num_layers} layers ...")
-            for split in SPLITS:
-                self.outputs(bottom, cache, split, "activations", keep=False)
-            if not all(os.path.exists(cache.path(digest)) for split in SPLITS
+        caches = self.activation_caches()
+        if caches is not None:
+            if not getattr(self, "activations_filled", False):
+                self.say("Computing activations below the top "
+                         f"{self.fine_tune_layers} layers ...")
+                for split in SPLITS:
+                    self.outputs(self.cut()[0], caches[split], split, "activations",
+                                 keep=False)
+            if not all(os.path.exists(caches[split].path(digest)) for split in SPLITS
                        for digest in self.examples.digests(split)):
                 self.say("Some activations could not be cached (a file changed, or "
                          "the cache could not be written); fine-tuning runs on the "
                          "images.")
-                cache = None
+                caches = None
             else:
-                self.say_cache("Activations", "activations", cache)
+                self.say_cache("Activations", "activations", caches["train"])
         # Every worker must build the same model and take the same steps.
-        if not self.workers.everyone(cache is not None):
-            if cache is not None:
+        if not self.workers.everyone(caches is not None):
+            if caches is not None:
                 self.say("Another worker could not cache its activations; "
                          "fine-tuning runs on the images.")
-            cache = None
-        return None if cache is None else (cache, top)
+            caches = None
+        return caches
 
-    def open_cache(self, network: keras.Model, dtype: str = "float32", **extra):
-        """The cache of `network`'s outputs, or `None` (no cache, or unusable)."""
-        if not self.cache_dir:
+    def final_predictions(self) -> Optional[tuple]:
+        """`(network, batches)` giving the trained model's validation logits
+        without a backbone pass: the head on the features when only the head
+        trained, the fine-tuned top on the float32 activations after
+        fine-tuning on them; `None` when the images must be run."""
+        if self.schedule.fine_tune_epochs == 0 and "validation" in self.features:
+            features, labels = self.features["validation"], self.examples.labels(
+                "validation")
+            return self.head, [(features[i:i + 256], labels[i:i + 256])
+                               for i in range(0, len(labels), 256)]
+        if self.schedule.fine_tune_epochs and self.from_activations:
+            caches = self.activation_caches()
+            return self.top_network(), with_targets(
+                self.activation_dataset(caches["validation"], "validation"),
+                self.examples.labels("validation"), None)
+        return None
+
+    def close(self) -> None:
+        """Removes the temporary activations folder, if any."""
+        spill = getattr(self, "_spill", None)
+        if spill is not None:
+            spill.cleanup()
+            self._spill = None
+
+    def open_cache(self, network: keras.Model, dtype: str = "float32",
+                   directory: Optional[str] = None, **extra):
+        """The cache of `network`'s outputs, or `None` (no cache, or unusable).
+
+        `directory` defaults to the schedule's cache folder.
+        """
+        directory = directory or self.cache_dir
+        if not directory:
             return None
         name, preprocessing = network_identity(self.backbone)
         key = feature_cache_key(network, name, int(self.model.input_shape[1]),
                                 preprocessing, **extra)
-        return open_cache(self.cache_dir, key, dtype=dtype,
+        return open_cache(directory, key, dtype=dtype,
                           verbose=self.schedule.verbose != 0)
 
-    def outputs(self, network, cache, split: str, stage: str, keep: bool = True,
-                **options):
-        """`network`'s outputs for a split's examples, counted under `stage`."""
+    def outputs(self, network, cache, split: str, stage, keep=True, **options):
+        """`network`'s outputs for a split's examples, counted under `stage`.
+
+        A network with several outputs takes a list of caches and a tuple of
+        stages (and of `keep`), one per output.
+        """
         compiled = options.pop("jit_compile", None)
         if compiled is None:
             compiled = jit_for(self.schedule.jit, network)
-        self.xla["forward" if stage == "activations" else stage] = compiled
+        stages = stage if isinstance(stage, tuple) else (stage,)
+        self.xla["forward" if stages[0] == "activations" else stages[0]] = compiled
         outputs, stats = self.examples.outputs(
             network, cache, split, keep=keep, jit_compile=compiled,
             verbose=self.schedule.verbose, **options)
-        counts = self.stats.setdefault(stage, {})
-        for name, value in stats._asdict().items():
-            counts[name] = counts.get(name, 0) + value
+        for name, counted in zip(stages, stats if isinstance(stage, tuple)
+                                 else (stats,)):
+            counts = self.stats.setdefault(name, {})
+            for key, value in counted._asdict().items():
+                counts[key] = counts.get(key, 0) + value
         return outputs
 
     def say_cache(self, what: str, stage: str, cache) -> None:
@@ -375,6 +506,7 @@ class Engine:
                     weights_model, model, phase))
                 callbacks.append(logs_callback(self.run_folder.file(LOGS_FOLDER)))
         callbacks += self.callbacks
+        started = time.perf_counter()
         if not workers.own_loop:
             # Our datasets shuffle themselves: `shuffle=False` says so to Keras.
             result = model.fit(train, validation_data=validation, epochs=end,
@@ -389,6 +521,7 @@ class Engine:
                 epochs=end, initial_epoch=initial_epoch, callbacks=callbacks,
                 class_weight=self.class_weight, verbose=schedule.verbose,
                 example_losses=getattr(model, "example_losses", None))
+        self.timings.add(phase, time.perf_counter() - started)
         self._record(result, phase)
         return result
 
@@ -402,17 +535,23 @@ class Engine:
         return HEAD_LEARNING_RATE if phase == "head" else FINE_TUNE_LEARNING_RATE
 
     def optimizer(self, phase: str) -> keras.optimizers.Optimizer:
-        """A new optimizer for `phase`: Adam, one per block with `lr_decay`."""
+        """A new optimizer for `phase`: Adam, one per block with `lr_decay`;
+        fine-tuning's rates warm up over `fine_tune_warmup` of an epoch."""
         from tftransfer.hub import hub_layer
 
+        steps = 0
+        if phase == "fine_tune":
+            per_epoch = -(-self.examples.totals["train"] // self.schedule.batch_size)
+            steps = round(self.schedule.fine_tune_warmup * per_epoch)
         # A TF-Hub backbone is one layer: one block, one rate.
         if (phase == "fine_tune" and self.schedule.lr_decay != 1
                 and hub_layer(self.backbone) is None):
             from tftransfer.discriminative import discriminative_optimizer
 
             return discriminative_optimizer(backbone_network(self.backbone),
-                                            self.rate(phase), self.schedule.lr_decay)
-        return keras.optimizers.Adam(self.rate(phase))
+                                            self.rate(phase), self.schedule.lr_decay,
+                                            warmup_steps=steps)
+        return keras.optimizers.Adam(linear_warmup(self.rate(phase), steps))
 
     def find_rate(self, phase: str, network: keras.Model, train) -> None:
         """With an `"auto"` rate, runs the range test on `network` (`lr_find`).
@@ -431,8 +570,9 @@ class Engine:
         if self.task.extras("train") is not None:
             raise ValueError("The learning-rate finder trains on labels alone; "
                              "this task feeds more. Set the learning rate.")
-        result = lr_find(network, train,
-                         **(FINE_TUNE_RANGE if phase == "fine_tune" else {}))
+        with self.timings.stage("lr_find"):
+            result = lr_find(network, train,
+                             **(FINE_TUNE_RANGE if phase == "fine_tune" else {}))
         record = result.record()
         suggested = result.suggested_learning_rate
         if phase == "fine_tune":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from typing import Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -154,52 +155,77 @@ class DatasetExamples:
                 data.update(f"{split}:{label}:{digest}\n".encode())
         return data.hexdigest()
 
-    def outputs(self, network, cache: Optional[FeatureCache], split: str,
-                keep: bool = True, jit_compile: bool = False, verbose="auto") -> tuple:
+    def outputs(self, network, cache, split: str, keep=True,
+                jit_compile: bool = False, verbose="auto") -> tuple:
         """Runs `network` over the batches whose images are not in `cache`.
 
         Labels and digests are recorded in this pass's order, which is the
         order of the outputs. When the split was scanned already (for a run
         folder's fingerprint) and the cache holds all of it, nothing is decoded
-        again: the outputs come in the scan's order.
+        again: the outputs come in the scan's order. As `cached_outputs`, a
+        network with several outputs takes a list of caches (and of `keep`).
         """
-        if cache is not None and split in self._digests:
-            digests = self._digests[split]
+        several = isinstance(cache, (list, tuple))
+        caches = list(cache) if several else [cache]
+        keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(caches)
+        results = self._from_caches(caches, keeps, split)
+        if results is None:
+            results = self._compute(network, caches, keeps, split, jit_compile)
+        return tuple(zip(*results)) if several else results[0]
+
+    def _from_caches(self, caches: list, keeps: list, split: str) -> Optional[list]:
+        """`[(outputs, stats)]` per cache when all of a scanned split is cached."""
+        if split not in self._digests or any(c is None for c in caches):
+            return None
+        digests, results = self._digests[split], []
+        for cache, keep in zip(caches, keeps):
             found = {}
             for digest in set(digests):
                 array = cache.load(digest)[0]  # Checked, then dropped unless kept.
                 if array is None:
-                    break
+                    return None
                 found[digest] = array if keep else True
-            else:
-                outputs = (np.stack([found[d] for d in digests]).astype(
-                    "float32", copy=False) if keep else None)
-                return outputs, CacheStats(len(digests), 0, 0)
+            outputs = (np.stack([found[d] for d in digests]).astype(
+                "float32", copy=False) if keep else None)
+            results.append((outputs, CacheStats(len(digests), 0, 0)))
+        return results
+
+    def _compute(self, network, caches: list, keeps: list, split: str,
+                 jit_compile: bool) -> list:
         forward = tf.function(lambda x: network(x, training=False),
                               reduce_retracing=True, jit_compile=jit_compile)
-        outputs, labels, digests = [], [], []
-        hits = computed = rebuilt = 0
+        outputs = [[] for _ in caches]
+        labels, digests = [], []
+        hits = computed = 0
+        rebuilt = [0] * len(caches)
         for pixels, label in self.datasets[split]:
             batch = [_digest(image) for image in np.asarray(pixels)]
-            found = [cache.load(d) if cache else (None, "miss") for d in batch]
-            rebuilt += sum(status == "corrupt" for _, status in found)
+            found = [[c.load(d) if c else (None, "miss") for d in batch]
+                     for c in caches]
+            for which, entries in enumerate(found):
+                rebuilt[which] += sum(status == "corrupt" for _, status in entries)
+            missing = [any(entries[i][0] is None for entries in found)
+                       for i in range(len(batch))]
             values = None
-            if any(array is None for array, _ in found):
-                values = forward(pixels).numpy()
-            for index, (array, _) in enumerate(found):
-                if array is None:
-                    computed += 1
-                    array = values[index]
-                    cache = store_or_drop(cache, batch[index], array)
-                else:
-                    hits += 1
-                if keep:
-                    outputs.append(np.asarray(array, "float32"))
+            if any(missing):
+                values = keras.tree.map_structure(lambda v: v.numpy(), forward(pixels))
+                if len(caches) == 1:
+                    values = [values]
+            computed += sum(missing)
+            hits += len(batch) - sum(missing)
+            for which, entries in enumerate(found):
+                for index, (array, _) in enumerate(entries):
+                    if missing[index]:
+                        array = values[which][index]
+                        caches[which] = store_or_drop(caches[which], batch[index],
+                                                      array)
+                    if keeps[which]:
+                        outputs[which].append(np.asarray(array, "float32"))
             labels.append(np.asarray(label).reshape(-1))
             digests.extend(batch)
         self._set(split, labels, digests)
-        stats = CacheStats(hits, computed, rebuilt)
-        return (np.stack(outputs) if keep else None), stats
+        return [(np.stack(kept) if keep else None, CacheStats(hits, computed, count))
+                for kept, keep, count in zip(outputs, keeps, rebuilt)]
 
     def images(self, split: str, shuffle: bool = False,
                extras: Optional[dict] = None) -> tf.data.Dataset:

@@ -77,6 +77,7 @@ def _find(config: TrainConfig, phase: str, plot: Optional[str]) -> dict:
         engine.head_phase()
         network, train, _ = engine.fine_tune_data()
     engine.find_rate(phase, network, train)
+    engine.close()
     record = dict(engine.found[phase], phase=phase, plot=None)
     if plot:
         record["plot"] = plot_record(record, os.fspath(plot))

@@ -33,6 +33,7 @@ from tftransfer.report import REPORT_FOLDER
 from tftransfer.run_folder import RunFolder
 from tftransfer.settings import RunConfig, TrainConfig
 from tftransfer.tensorboard import LOGS_FOLDER, write_run_summary
+from tftransfer.timings import Timings
 from tftransfer.train import balanced_class_weights
 from tftransfer.workers import Workers, make_strategy
 
@@ -96,7 +97,8 @@ def schedule_of(config: RunConfig) -> Schedule:
         config.learning_rate, config.fine_tune_learning_rate, config.batch_size,
         config.seed, config.jit, augment=augment,
         cache_dir=(config.cache_dir or default_cache_dir()) if config.cache else None,
-        verbose=config.verbose, lr_decay=config.lr_decay)
+        verbose=config.verbose, lr_decay=config.lr_decay,
+        fine_tune_warmup=config.fine_tune_warmup)
 
 
 class Declaration(NamedTuple):
@@ -136,19 +138,22 @@ def execute(config: RunConfig, declare: Callable) -> RunResult:
 
 def _execute(config, declare, workers, run_folder, policy) -> RunResult:
     start = time.perf_counter()
+    timings = Timings()
     keras.utils.set_random_seed(config.seed)
-    task, image_size, task_settings, check_data = declare(config)
-    with workers.strategy.scope():
-        backbone = load_backbone(config.network, config.weights, image_size,
-                                 config.alpha)
-    folder, report = scan(config)
+    with timings.stage("build"):
+        task, image_size, task_settings, check_data = declare(config)
+        with workers.strategy.scope():
+            backbone = load_backbone(config.network, config.weights, image_size,
+                                     config.alpha)
+    with timings.stage("scan"):
+        folder, report = scan(config)
     check_data(folder, report)
     everything = FolderExamples(folder, image_size, config.batch_size, config.seed,
                                 memory_budget=0)
     settings = {**config.resume_settings(), "data": everything.fingerprint(),
                 **task_settings}
     state = run_folder.resume_state(settings, workers, policy)
-    with workers.strategy.scope():
+    with timings.stage("build"), workers.strategy.scope():
         model = build_classifier(backbone, len(folder.class_names), config.dropout)
     weights = config.weights if config.weights is not None else "none (random)"
     say(config, f"Backbone {config.network} ({backbone.count_params():,} parameters), "
@@ -172,7 +177,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         class_weight = balanced_class_weights(everything.labels("train"),
                                               len(folder.class_names))
     engine = Engine(model, examples, schedule, task, workers, run_folder, state,
-                    class_weight=class_weight)
+                    class_weight=class_weight, timings=timings)
     history = engine.run()
     if not workers.is_chief:
         summary = _worker_summary(config, workers, history, start, state, model)
@@ -182,9 +187,13 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
     if workers.strategy is not tf.distribute.get_strategy():
         model = plain_copy(model, config.network, image_size, config.alpha,
                            config.dropout)
-    metrics, interpretation = _evaluate(model, engine, everything, history)
-    saved_model = run_folder.write_model(model, folder.class_names)
-    tflite = _write_tflite(config, model, folder, run_folder)
+    with timings.stage("evaluate"):
+        metrics, interpretation = _evaluate(model, engine, everything, history)
+    engine.close()
+    with timings.stage("export"):
+        saved_model = run_folder.write_model(model, folder.class_names)
+    with timings.stage("tflite"):
+        tflite = _write_tflite(config, model, folder, run_folder)
     summary = {
         **metrics,
         "seconds": round(time.perf_counter() - start, 2),
@@ -214,6 +223,8 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
                       f"`tftransfer report {run_folder.path}`.", stacklevel=2)
         summary["report"] = None
     summary["report_seconds"] = round(time.perf_counter() - started, 2)
+    timings.add("report", time.perf_counter() - started)
+    summary["timings"] = timings.summary()
     run_folder.finish(summary)
     engine.compile_for_use(model)
     return RunResult(model, history, summary, run_folder.path)
@@ -257,26 +268,21 @@ def _evaluate(model, engine, everything: FolderExamples, history) -> tuple:
     """The validation metrics, and the validation images' `Interpretation`.
 
     Returns:
-        `(metrics, interpretation)`. The head's features are reused when the
-        head was the last to train (its validation predictions cost nothing
-        more); otherwise the full model, as exported, runs on the images,
-        and its loss and accuracy are reported (the top may have trained on
-        float16 activations).
+        `(metrics, interpretation)`. The predictions come from what the last
+        phase trained on when it can (the head on its features, the
+        fine-tuned top on the float32 activations: no backbone pass);
+        otherwise the full model, as exported, runs on the images. After
+        fine-tuning, the loss and accuracy of these predictions are reported.
     """
     metrics = {"val_accuracy": history.history["val_accuracy"][-1],
                "val_loss": history.history["val_loss"][-1]}
     names, files = everything.folder.class_names, everything.folder.used("validation")
-    paths, labels = [f.path for f in files], everything.labels("validation")
+    paths = [f.path for f in files]
     # Across machines the chief computed its share of the features only.
-    features = engine.features.get("validation") if engine.workers.count == 1 else None
-    if engine.schedule.fine_tune_epochs == 0 and features is not None:
-        batches = ((features[i:i + 256], labels[i:i + 256])
-                   for i in range(0, len(labels), 256))
-        interpretation = Interpretation.from_model(model.get_layer("head"), batches,
-                                                   names, paths)
-    else:
-        interpretation = Interpretation.from_model(
-            model, everything.images("validation"), names, paths)
+    source = engine.final_predictions() if engine.workers.count == 1 else None
+    network, batches = source or (model, everything.images("validation"))
+    interpretation = Interpretation.from_model(network, batches, names, paths)
+    if engine.schedule.fine_tune_epochs:
         scores = interpretation.metrics()
         metrics.update(val_accuracy=scores["accuracy"], val_loss=scores["loss"])
     if everything.folder.used("test"):
@@ -337,6 +343,7 @@ def _rates_summary(engine: Engine) -> dict:
     if engine.schedule.fine_tune_epochs:
         rates["fine_tune_learning_rate"] = engine.rate("fine_tune")
     return {**rates, "lr_decay": engine.schedule.lr_decay,
+            "fine_tune_warmup": engine.schedule.fine_tune_warmup,
             "learning_rate_finder": engine.found or None}
 
 
@@ -404,6 +411,7 @@ def run_in_folder(model, examples, schedule: Schedule, output: str, overwrite: b
         engine = Engine(model, examples, schedule, None, workers, run_folder, state,
                         callbacks, class_weight)
         history = engine.run()
+        engine.close()
         names = list(class_names or [str(i) for i in range(settings["outputs"])])
         saved_model = run_folder.write_model(model, names)
         run_folder.finish({

@@ -22,6 +22,8 @@ from tftransfer.errors import check_choice
 
 HEAD_LEARNING_RATE = 1e-2
 FINE_TUNE_LEARNING_RATE = 1e-4
+# Of the first fine-tuning epoch: see `linear_warmup` (benchmarks/RESULTS.md).
+FINE_TUNE_WARMUP = 0.3
 PRECISIONS = ("auto", "off", "float16", "bfloat16")
 JIT_SETTINGS = ("auto", "on", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
@@ -138,6 +140,10 @@ class RunConfig:
         1.0, "discriminative learning rates while fine-tuning: each lower block "
         "of the backbone (as its layer names number them) learns F times as fast "
         "as the block above it; 1: one rate", metavar="F", cli_type=float)
+    fine_tune_warmup: float = setting(
+        FINE_TUNE_WARMUP, "fine-tuning's rate rises linearly from 0 over this "
+        "fraction of its first epoch, so the newly unfrozen layers do not lose "
+        "what the head learnt; 0: no warm-up", metavar="F", cli_type=float)
     validation_split: float = setting(
         0.2, "held-out fraction when DATA_DIR has no val/ folder", metavar="F",
         cli_type=float)
@@ -215,6 +221,11 @@ class RunConfig:
                 or not 0 < self.lr_decay <= 1):
             raise ValueError("`lr_decay` must be a number in (0, 1]. "
                              f"Received: lr_decay={self.lr_decay!r}")
+        if (isinstance(self.fine_tune_warmup, bool)
+                or not isinstance(self.fine_tune_warmup, (int, float))
+                or not 0 <= self.fine_tune_warmup <= 1):
+            raise ValueError("`fine_tune_warmup` must be a fraction of an epoch in "
+                             f"[0, 1]. Received: fine_tune_warmup={self.fine_tune_warmup!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 f"`dropout` must be in [0, 1). Received: dropout={self.dropout}")

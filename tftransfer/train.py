@@ -19,6 +19,7 @@ from tftransfer.errors import check_choice
 from tftransfer.graph import backbone_network
 from tftransfer.settings import (
     FINE_TUNE_LEARNING_RATE,
+    FINE_TUNE_WARMUP,
     HEAD_LEARNING_RATE,
     JIT_SETTINGS,
 )
@@ -37,6 +38,38 @@ def compile_classifier(model: keras.Model, learning_rate: Optional[float] = None
         metrics=["accuracy"],
         jit_compile=jit_compile,
     )
+
+
+def linear_warmup(learning_rate: float, steps: int):
+    """`learning_rate`, reached linearly from 0 over the first `steps` steps.
+
+    Fine-tuning starts a fresh Adam on newly unfrozen layers: its first steps
+    move every weight by about the full rate whatever its gradient, which
+    undoes part of what the pretrained layers and the head hold (a 10-class
+    set fell from 0.871 to 0.751 in the first fine-tuning epoch). Rising
+    from 0 lets Adam's moment estimates settle first. Keras' `CosineDecay`
+    does the warm-up; `alpha=1` keeps the rate flat after it.
+
+    Args:
+        learning_rate: The rate after the warm-up.
+        steps: Warm-up steps; `0` returns `learning_rate` itself.
+
+    Returns:
+        A float, or a `keras.optimizers.schedules.LearningRateSchedule`.
+
+    Example:
+
+    >>> schedule = linear_warmup(1e-3, steps=10)
+    >>> [round(float(schedule(step)), 6) for step in (0, 5, 10, 100)]
+    [0.0, 0.0005, 0.001, 0.001]
+    >>> linear_warmup(1e-3, 0)
+    0.001
+    """
+    if steps <= 0:
+        return learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1, alpha=1.0, warmup_target=learning_rate,
+        warmup_steps=steps)
 
 
 def jit_for(setting: str, model: keras.Model) -> bool:
@@ -237,6 +270,7 @@ def fine_tune(
     seed: int = 0,
     verbose="auto",
     lr_decay: float = 1.0,
+    fine_tune_warmup: float = FINE_TUNE_WARMUP,
 ) -> keras.callbacks.History:
     """Trains a `build_classifier` model: the head first, then the backbone's top.
 
@@ -296,6 +330,9 @@ def fine_tune(
         lr_decay: Discriminative rates while fine-tuning: each lower block of
             the backbone learns `lr_decay` times as fast as the block above
             (`discriminative_optimizer`). Defaults to `1.0`: one rate.
+        fine_tune_warmup: The fine-tuning rate rises linearly from 0 over
+            this fraction of the first fine-tuning epoch (`linear_warmup`).
+            Defaults to `0.3`.
 
     Returns:
         A `keras.callbacks.History` over both phases: per-epoch metrics and a
@@ -350,12 +387,13 @@ def fine_tune(
     schedule = Schedule(epochs, fine_tune_epochs, fine_tune_layers, learning_rate,
                         fine_tune_learning_rate, batch_size, seed, jit,
                         augment=augmented, cache_dir=cache_dir, verbose=verbose,
-                        lr_decay=lr_decay)
+                        lr_decay=lr_decay, fine_tune_warmup=fine_tune_warmup)
     examples = DatasetExamples({"train": train, "validation": validation}, batch_size)
     if output is None:
         engine = Engine(model, examples, schedule, callbacks=callbacks,
                         class_weight=class_weight)
         history = engine.run()
+        engine.close()
     else:
         from tftransfer.run import run_in_folder
 
