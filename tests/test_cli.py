@@ -76,3 +76,38 @@ def test_bad_arguments_exit_cleanly(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--backbone", "nope"]) == 2
     assert "Expected one of" in capsys.readouterr().err
+
+
+def _command(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_help_version_and_argument_errors_import_no_tensorflow():
+    for argv, status in ((["--help"], 0), (["train", "--help"], 0),
+                         (["--version"], 0), (["train"], 2),
+                         (["train", "data", "--epochs", "x"], 2)):
+        done = _command("-X", "importtime", "-m", "tftransfer", *argv)
+        assert done.returncode == status, (argv, done.stderr[-2000:])
+        imported = [line.rsplit("|", 1)[-1].strip()
+                    for line in done.stderr.splitlines() if "import time:" in line]
+        assert "tftransfer.cli" in imported
+        assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "keras")], argv
+    assert _command("-m", "tftransfer", "--version").stdout.startswith("tftransfer 0.")
+
+
+def test_tensorflow_start_up_logs_are_hidden_unless_asked_for():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = _command("-m", "tftransfer", "backbones", env=env)
+    assert done.returncode == 0 and "mobilenet_v2" in done.stdout
+    for log in ("absl::InitializeLog", "cudart_stub", "cuda_platform", "cpu_feature_guard"):
+        assert log not in done.stderr, done.stderr
+    # The user's own level is theirs: then TensorFlow's logs are not filtered.
+    from tftransfer.startup import _LOG_LINE
+
+    assert _LOG_LINE.match("I0000 00:00:1796254724.240541    4098 cudart_stub.cc:31] "
+                           "Could not find cuda drivers on your machine.")
+    assert not _LOG_LINE.match("Traceback (most recent call last):")

@@ -375,3 +375,66 @@ def test_xla_on_trains_every_stage_compiled(scenes_dir, tmp_path):
     assert np.isfinite(augmented["val_loss"])
     with pytest.raises(ValueError, match="`jit` must be one of"):
         TrainConfig(scenes_dir, jit="yes")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_at_once_keeping_every_finished_epoch(scenes_dir, tmp_path,
+                                                             capsys, signum):
+    run = str(tmp_path / "run")
+    args = ["train", scenes_dir, "--output", run, *TINY, "--epochs", "3",
+            "--fine-tune-epochs", "4", "--cache-dir", str(tmp_path / "cache")]
+    process = _start(*args)
+    history = os.path.join(run, "history.csv")
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(history) and "fine_tune" in open(history).read()):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signum)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, out
+    name = signal.Signals(signum).name
+    assert f"tftransfer train: stopped by {name}. The run folder keeps" in out
+    assert "run the same command to resume" in out and "Traceback" not in out
+    leftovers = [name for _, _, names in os.walk(run) for name in names
+                 if name.startswith(".tmp-")]
+    assert leftovers == [] and os.path.exists(os.path.join(run, "checkpoint.npz"))
+    assert not os.path.exists(os.path.join(run, "metrics.json"))
+    done = _epochs(run)
+    assert done == list(range(1, len(done) + 1)) and done[-1] >= 4
+
+    out = _resumed([*args, "--json"], capsys)
+    # The signal may fall between an epoch's history row and its checkpoint.
+    checkpointed = last_json(out)["resumed_from_epoch"]
+    assert checkpointed in (done[-1], done[-1] - 1)
+    assert f"Resuming from epoch {checkpointed}" in out
+    assert _epochs(run) == list(range(1, 8))
+    assert last_json(out)["val_accuracy"] >= 0.9
+
+
+def test_a_non_finite_loss_stops_keeping_the_last_finite_epoch(scenes_dir, tmp_path):
+    from tftransfer import build_classifier, fine_tune, image_folder_datasets
+    from tftransfer.errors import TrainingDiverged
+
+    data = image_folder_datasets(scenes_dir, image_size=32, batch_size=8)
+    model = build_classifier(load_backbone("vgg16", weights=None, image_size=32), 3)
+
+    class Poison(keras.callbacks.Callback):
+        """Sets the head's kernel to NaN when the third epoch starts."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                kernel = model.get_layer("head").layers[-1].kernel
+                kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+    run = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match="loss became nan in epoch 3"):
+        fine_tune(model, data.train, data.validation, epochs=5, output=run,
+                  callbacks=[Poison()], verbose=0)
+    assert _epochs(run) == [1, 2]  # The NaN epoch was not recorded...
+    with np.load(os.path.join(run, "checkpoint.npz")) as archive:
+        meta = json.loads(str(archive["meta"]))
+        weights = [archive[f"model_{i}"] for i in range(meta["num_model"])]
+    assert meta["epoch"] == 2  # ...nor checkpointed over the finite one.
+    assert all(np.isfinite(w).all() for w in weights)

@@ -1,99 +1,122 @@
-"""tftransfer: transfer learning for image folders with Keras 3 on TensorFlow."""
+"""tftransfer: transfer learning for image folders with Keras 3 on TensorFlow.
 
-# First: it notes when the package started importing (see `Timings`).
-import tftransfer.timings  # noqa: F401, I001
-from tftransfer.backbones import (
-    BackboneSpec,
-    ImagePreprocessing,
-    backbone_names,
-    get_backbone_spec,
-    load_backbone,
-    register_backbone,
-)
-from tftransfer.cache import FeatureCache, default_cache_dir
-from tftransfer.data import decode_image, image_folder_datasets, make_dataset
-from tftransfer.distill import Distiller, distillation_loss
-from tftransfer.distill_run import distill_run
-from tftransfer.distribute import distributed_fit
-from tftransfer.errors import (
-    DataError,
-    RunFolderError,
-    SettingError,
-    TransferError,
-    WeightsUnavailableError,
-)
-from tftransfer.evaluate import ServedModel, evaluate_folder, predict_paths
-from tftransfer.export import export_saved_model
-from tftransfer.folders import ImageFolder, scan_image_folder
-from tftransfer.heads import build_classifier, build_head
-from tftransfer.hub import export_backbone
-from tftransfer.interpretation import Interpretation
-from tftransfer.litert import LiteRTModel
-from tftransfer.lr_find import LRFinderResult, lr_find
-from tftransfer.report import write_report, write_run_report
-from tftransfer.run import RunResult, train_run
-from tftransfer.settings import DistillConfig, RunConfig, TrainConfig
-from tftransfer.teacher import load_teacher
-from tftransfer.tflite import export_tflite
-from tftransfer.tflite_check import check_tflite, export_checked_tflite
-from tftransfer.train import (
-    balanced_class_weights,
-    compute_features,
-    fine_tune,
-    unfreeze_top,
-)
-from tftransfer.workers import make_strategy
+`import tftransfer` imports every public name below, and so registers the
+package's Keras layers: `keras.saving.load_model` then reads its models.
+Started as the `tftransfer` command, the package imports nothing heavy until
+a command runs (`cli.main` then loads it all), so that `--help`, `--version`
+and argument errors do not wait seconds for TensorFlow; a name used before
+that is imported on first use (PEP 562).
+"""
+
+import importlib
+import os
+import sys
+import types
+
+# It notes when the package started importing (see `Timings`).
+from tftransfer import timings  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackboneSpec",
-    "DataError",
-    "DistillConfig",
-    "Distiller",
-    "FeatureCache",
-    "ImageFolder",
-    "ImagePreprocessing",
-    "Interpretation",
-    "LRFinderResult",
-    "LiteRTModel",
-    "RunConfig",
-    "RunFolderError",
-    "RunResult",
-    "ServedModel",
-    "SettingError",
-    "TrainConfig",
-    "TransferError",
-    "WeightsUnavailableError",
-    "backbone_names",
-    "balanced_class_weights",
-    "build_classifier",
-    "build_head",
-    "check_tflite",
-    "compute_features",
-    "decode_image",
-    "default_cache_dir",
-    "distill_run",
-    "distillation_loss",
-    "distributed_fit",
-    "evaluate_folder",
-    "export_checked_tflite",
-    "export_backbone",
-    "export_saved_model",
-    "export_tflite",
-    "fine_tune",
-    "get_backbone_spec",
-    "image_folder_datasets",
-    "load_backbone",
-    "load_teacher",
-    "lr_find",
-    "make_dataset",
-    "make_strategy",
-    "write_report",
-    "write_run_report",
-    "predict_paths",
-    "register_backbone",
-    "scan_image_folder",
-    "train_run",
-    "unfreeze_top",
-]
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "BackboneSpec": "tftransfer.backbones",
+    "DataError": "tftransfer.errors",
+    "DistillConfig": "tftransfer.settings",
+    "Distiller": "tftransfer.distill",
+    "FeatureCache": "tftransfer.cache",
+    "ImageFolder": "tftransfer.folders",
+    "ImagePreprocessing": "tftransfer.backbones",
+    "Interpretation": "tftransfer.interpretation",
+    "LRFinderResult": "tftransfer.lr_find",
+    "LiteRTModel": "tftransfer.litert",
+    "RunConfig": "tftransfer.settings",
+    "RunFolderError": "tftransfer.errors",
+    "RunResult": "tftransfer.run",
+    "ServedModel": "tftransfer.evaluate",
+    "SettingError": "tftransfer.errors",
+    "TrainConfig": "tftransfer.settings",
+    "TransferError": "tftransfer.errors",
+    "WeightsUnavailableError": "tftransfer.errors",
+    "backbone_names": "tftransfer.backbones",
+    "balanced_class_weights": "tftransfer.train",
+    "build_classifier": "tftransfer.heads",
+    "build_head": "tftransfer.heads",
+    "check_tflite": "tftransfer.tflite_check",
+    "compute_features": "tftransfer.train",
+    "decode_image": "tftransfer.data",
+    "default_cache_dir": "tftransfer.cache",
+    "distill_run": "tftransfer.distill_run",
+    "distillation_loss": "tftransfer.distill",
+    "distributed_fit": "tftransfer.distribute",
+    "evaluate_folder": "tftransfer.evaluate",
+    "export_backbone": "tftransfer.hub",
+    "export_checked_tflite": "tftransfer.tflite_check",
+    "export_saved_model": "tftransfer.export",
+    "export_tflite": "tftransfer.tflite",
+    "fine_tune": "tftransfer.train",
+    "get_backbone_spec": "tftransfer.backbones",
+    "image_folder_datasets": "tftransfer.data",
+    "load_backbone": "tftransfer.backbones",
+    "load_teacher": "tftransfer.teacher",
+    "lr_find": "tftransfer.lr_find",
+    "make_dataset": "tftransfer.data",
+    "make_strategy": "tftransfer.workers",
+    "predict_paths": "tftransfer.evaluate",
+    "register_backbone": "tftransfer.backbones",
+    "scan_image_folder": "tftransfer.folders",
+    "train_run": "tftransfer.run",
+    "unfreeze_top": "tftransfer.train",
+    "write_report": "tftransfer.report",
+    "write_run_report": "tftransfer.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tftransfer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # Looked up once.
+    return value
+
+
+def __dir__() -> list:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    """Keeps `tftransfer.lr_find` and `tftransfer.distill_run` the functions.
+
+    Importing a submodule binds it on its package under its own name; two
+    public functions share their module's name, and the function must win,
+    as it did when the package imported everything at once.
+    """
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def load_all() -> None:
+    """Imports every public name (and so registers the Keras layers)."""
+    for name in _EXPORTS:
+        __getattr__(name)
+
+
+def _started_as_command() -> bool:
+    """Whether this process is the `tftransfer` command (its script, or
+    `python -m tftransfer`, while Python locates the package's `__main__`)."""
+    argv = getattr(sys, "argv", None) or [""]
+    name = os.path.basename(argv[0])
+    return name in ("tftransfer", "tftransfer.exe") or argv[0] == "-m"
+
+
+if not _started_as_command():
+    load_all()

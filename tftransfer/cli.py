@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -27,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transfer learning on a folder of images: train, evaluate, "
         "predict, and export a SavedModel that serves raw image bytes.",
     )
+    from tftransfer import __version__
+
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show TensorFlow's C++ start-up logs (hidden unless "
+        "TF_CPP_MIN_LOG_LEVEL is set)")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(commands)
     _add_model_commands(commands)
@@ -394,6 +404,35 @@ COMMANDS = {
 }
 
 
+# What a stopped command left, and how to go on.
+_RUN_HINT = (" The run folder keeps every finished epoch and no partial file: run "
+             "the same command to resume (add --overwrite to start over).")
+_RESUME_HINTS = {"train": _RUN_HINT, "distill": _RUN_HINT,
+                 "export-tflite": " Nothing was written.",
+                 "export-backbone": " Nothing was written."}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, Kubernetes, Slurm preemption), raised in
+    the main thread like Ctrl-C's `KeyboardInterrupt`, so that the same
+    clean-up runs: partial files removed, run folder unlocked."""
+
+    signum = signal.SIGTERM
+
+
+def _stop_on_signals():
+    """Makes SIGTERM raise `Terminated` and SIGINT `KeyboardInterrupt` (even
+    when started with SIGINT ignored, as background jobs are); returns the
+    handlers to put back."""
+    def stop(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # Only the main thread may set handlers.
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+
+
 def main(argv=None) -> int:
     """Runs the command line; returns the exit status.
 
@@ -402,22 +441,35 @@ def main(argv=None) -> int:
     bug: its traceback, a line saying so, and exit status 1.
     """
     args = build_parser().parse_args(argv)
+    from tftransfer.startup import import_tensorflow
     from tftransfer.timings import IMPORTED
 
+    # Every command needs TensorFlow; the parser above (--help, argument
+    # errors) did not import it.
+    import_tensorflow(args.verbose)
+    import tftransfer
+
+    tftransfer.load_all()  # Timed as imports; registers the Keras layers.
     started = time.perf_counter()
+    previous = _stop_on_signals()
     try:
         result, lines = COMMANDS[args.command](args)
     except TransferError as error:
         print(f"tftransfer {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tftransfer {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interruption:
+        signum = getattr(interruption, "signum", signal.SIGINT)
+        print(f"tftransfer {args.command}: stopped by {signal.Signals(signum).name}."
+              + _RESUME_HINTS.get(args.command, ""), file=sys.stderr)
+        return 128 + signum
     except Exception:
         traceback.print_exc()
         print(f"tftransfer {args.command}: this is a bug in tftransfer, not in your "
               "input: please report it with the traceback above.", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print("\n".join(lines), flush=True)
     if isinstance(result, dict) and isinstance(result.get("timings"), dict):
         # The process's own cost before the command ran: imports, parsing.

@@ -40,6 +40,7 @@ from tftransfer.distribute import distributed_fit
 from tftransfer.errors import SettingError
 from tftransfer.examples import SPLITS, feature_dataset, with_targets
 from tftransfer.graph import backbone_network, split_backbone
+from tftransfer.guards import FiniteLoss
 from tftransfer.run_folder import HistoryCSV, RunFolder
 from tftransfer.settings import FINE_TUNE_LEARNING_RATE, HEAD_LEARNING_RATE
 from tftransfer.tensorboard import LOGS_FOLDER, logs_callback
@@ -498,7 +499,11 @@ class Engine:
             self.say("warning: the optimizer state in the checkpoint does not fit; "
                      "it starts afresh")
         initial_epoch = max(self.start, schedule.epochs if phase == "fine_tune" else 0)
-        callbacks = []
+        # First: a non-finite epoch must stop before it is recorded or saved.
+        rate = self.rate(phase)
+        callbacks = [FiniteLoss(phase, rate if isinstance(rate, float) else None,
+                                "--learning-rate" if phase == "head"
+                                else "--fine-tune-learning-rate")]
         if self.run_folder is not None:
             callbacks.append(HistoryCSV(self.run_folder.history_path, phase))
             if workers.is_chief:  # Only the chief's checkpoint is resumed from.

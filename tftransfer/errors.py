@@ -35,3 +35,7 @@ def check_choice(name: str, value, choices) -> None:
         raise SettingError(
             f"`{name}` must be one of {choices}. Received: {name}={value!r}"
         )
+
+
+class TrainingDiverged(TransferError, FloatingPointError):
+    """The training loss became NaN or infinite: a rate too high, or bad images."""
