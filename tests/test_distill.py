@@ -372,16 +372,20 @@ def test_distill_command_under_mirrored_strategy(trained_run, scenes_dir, tmp_pa
         DistillConfig(scenes_dir, trained_run, strategy="tpu")
 
 
-def test_distill_fine_tunes_on_the_images_without_a_cache(trained_run, scenes_dir,
-                                                          tmp_path, capsys):
-    """With --no-cache the top trains on decoded images, each batch still
-    carrying its images' teacher logits."""
+def test_distill_without_a_cache_spills_activations_for_the_run(trained_run, scenes_dir,
+                                                              tmp_path, capsys):
+    """With --no-cache the top trains on activations spilled inside the run
+    folder for the run only, each batch still carrying its images' teacher
+    logits."""
     assert main(["distill", scenes_dir, "--teacher", trained_run, "--student",
                  "vgg16", "--weights", "none", "--epochs", "15", "--learning-rate",
                  "0.01", "--fine-tune-epochs", "2", "--fine-tune-layers", "4",
                  "--no-cache", "--json", "--output", str(tmp_path / "run")]) == 0
     summary = last_json(capsys.readouterr().out)
-    assert summary["fine_tune_activations"] is None  # on the images
+    spilled = summary["fine_tune_activations"]
+    assert spilled["hits"] == 0
+    assert spilled["computed"] == summary["num_train"] + summary["num_validation"]
+    assert not os.path.exists(tmp_path / "run" / ".activations")  # removed at the end
     history = summary["history"]
     assert history["phase"][15:] == ["fine_tune", "fine_tune"]
     assert "distillation_loss" in history and np.isfinite(history["loss"][16])

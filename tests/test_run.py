@@ -53,14 +53,15 @@ def _assert_default_modes(folder):
         assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~mask), path
 
 
-def _kill_when(process, condition, timeout=300):
+def _kill_when(process, condition, timeout=300, signum=signal.SIGKILL):
+    """Sends `signum` once `condition()` holds; returns the process's output."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "the condition never came true"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signum)
+    return process.communicate(timeout=120)[0]
 
 
 def _kill_in_fine_tuning(args, run):
@@ -253,9 +254,10 @@ def test_without_a_cache_activations_spill_to_a_folder_removed_after(
                          fine_tune_layers=4, cache=False)
     summary = train_run(config).summary
     said = capsys.readouterr().out
-    assert "features are kept in memory (" in said
-    spill = said.split("activations are written to ")[1].split(" and removed")[0]
-    assert "tftransfer-activations-" in spill and not os.path.exists(spill)
+    assert "the features are kept in memory (" in said
+    spill = os.path.join(summary["run_dir"], ".activations")
+    assert f"Activations are written to {spill} and removed" in said
+    assert not os.path.exists(spill)
     assert summary["fine_tune_activations"]["computed"] == (
         summary["num_train"] + summary["num_validation"])
     assert [name for name, _ in passes] == ["backbone_pair", "backbone_pair"]
@@ -386,13 +388,8 @@ def test_a_signal_stops_at_once_keeping_every_finished_epoch(scenes_dir, tmp_pat
             "--fine-tune-epochs", "4", "--cache-dir", str(tmp_path / "cache")]
     process = _start(*args)
     history = os.path.join(run, "history.csv")
-    deadline = time.monotonic() + 300
-    while not (os.path.exists(history) and "fine_tune" in open(history).read()):
-        assert process.poll() is None, process.stdout.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signum)
-    out, _ = process.communicate(timeout=120)
+    out = _kill_when(process, lambda: os.path.exists(history)
+                     and "fine_tune" in open(history).read(), signum=signum)
     assert process.returncode == 128 + signum, out
     name = signal.Signals(signum).name
     assert f"tftransfer train: stopped by {name}. The run folder keeps" in out
@@ -438,3 +435,19 @@ def test_a_non_finite_loss_stops_keeping_the_last_finite_epoch(scenes_dir, tmp_p
         weights = [archive[f"model_{i}"] for i in range(meta["num_model"])]
     assert meta["epoch"] == 2  # ...nor checkpointed over the finite one.
     assert all(np.isfinite(w).all() for w in weights)
+
+
+def test_a_checkpoint_from_before_added_settings_resumes(tmp_path):
+    from tftransfer.errors import RunFolderError
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    old = {"epochs": 5, "learning_rate": 0.01}  # Before lr_decay and the warm-up.
+    RunCheckpoint(str(tmp_path), old).save(model, model, 2, "head")
+    now = {**old, "lr_decay": 1.0, "fine_tune_warmup": 0.3}
+    assert RunCheckpoint(str(tmp_path), now).load()["epoch"] == 2
+    # lr_decay had a value before it was a setting (1: one rate); another refuses.
+    with pytest.raises(RunFolderError, match="lr_decay"):
+        RunCheckpoint(str(tmp_path), {**now, "lr_decay": 0.5}).load()
+    with pytest.raises(RunFolderError, match="learning_rate"):
+        RunCheckpoint(str(tmp_path), {**now, "learning_rate": 0.1}).load()

@@ -262,19 +262,19 @@ def open_cache(directory: Optional[str], key: dict, dtype: str = "float32",
         return None
 
 
-def _store(cache: FeatureCache, path: str, digest: str, value) -> Optional[FeatureCache]:
-    """`store_or_drop` of a file's output, if the file is still what was scanned.
+def _unchanged(path: str, digest: str):
+    """Whether the file still has the scanned content: `True`, `False`, or
+    the `OSError` that stopped reading it.
 
-    The file is hashed again first: one edited since the scan would otherwise
-    leave the new image's features under the old content's key, for good.
+    The file is hashed again before its outputs are cached: one edited since
+    the scan would otherwise leave the new image's outputs under the old
+    content's key, for good (a changed file's outputs are used this once).
     """
     try:
         with open(path, "rb") as handle:
-            if hashlib.sha256(handle.read()).hexdigest() != digest:
-                return cache  # Changed since the scan: not cached, used this once.
+            return hashlib.sha256(handle.read()).hexdigest() == digest
     except OSError as error:
-        return _dropped(cache, error)
-    return store_or_drop(cache, digest, value)
+        return error
 
 
 def store_or_drop(cache: Optional[FeatureCache], digest: str,
@@ -411,11 +411,16 @@ def cached_outputs(
                                                 batch_size, verbose, jit_compile):
             if not several:
                 values = [values]
-            for which, store in enumerate(caches):
-                for index, value in zip(indices, values[which]):
-                    if store is not None:
-                        store = caches[which] = _store(store, paths[index],
-                                                       digests[index], value)
+            for row, index in enumerate(indices):
+                # Cached only if the file is still what was scanned.
+                state = (_unchanged(paths[index], digests[index])
+                         if any(c is not None for c in caches) else False)
+                for which, store in enumerate(caches):
+                    value = values[which][row]
+                    if store is not None and isinstance(state, OSError):
+                        caches[which] = _dropped(store, state)
+                    elif store is not None and state:
+                        caches[which] = store_or_drop(store, digests[index], value)
                     if keeps[which]:
                         kept[which][index] = value
         for which in range(len(caches)):

@@ -25,7 +25,10 @@ CHECKPOINT_FILE = "checkpoint.npz"
 
 # Settings added after checkpoints were first written, with the value a
 # checkpoint without them was trained with: such a run still resumes.
-ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": 0.0}
+# A checkpoint from before `fine_tune_warmup` existed resumes under any
+# warm-up (`None`): it only shapes fine-tuning steps not yet taken, and a run
+# checkpointed mid-fine-tuning has taken its first steps already.
+ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": None}
 
 
 class RunCheckpoint:
@@ -67,6 +70,8 @@ class RunCheckpoint:
             key
             for key in set(meta["settings"]) | set(self.settings)
             if value(meta["settings"], key) != value(self.settings, key)
+            and not (key not in meta["settings"] and key in ADDED_SETTINGS
+                     and ADDED_SETTINGS[key] is None)
         )
         if different:
             changes = ", ".join(

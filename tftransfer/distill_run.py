@@ -57,9 +57,10 @@ class DistillTask:
         if teacher.image_size is None:
             # A SavedModel teacher decodes the files itself, in its own graph.
             options["jit_compile"] = False
-        for split in SPLITS:
-            self.logits[split] = engine.outputs(network, cache, split, "teacher",
-                                                **options)
+        with engine.timings.stage("teacher"):
+            for split in SPLITS:
+                self.logits[split] = engine.outputs(network, cache, split, "teacher",
+                                                    **options)
         labels = engine.examples.labels("validation")
         correct, seen = engine.workers.total([
             np.sum(self.logits["validation"].argmax(-1) == labels), len(labels)])

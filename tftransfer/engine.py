@@ -7,12 +7,15 @@ task saying what is trained:
 1. Head phase (`Schedule.epochs`): the backbone is frozen, so its output for an
    image never changes; it is computed once (`Examples.outputs`, through the
    on-disk cache) and the head trains on it. With augmentation the backbone
-   runs on every random view instead.
+   runs on every random view instead. When fine-tuning follows, the same pass
+   (`pair_network`) also caches the activations at the cut below the layers
+   fine-tuning unfreezes: the backbone runs once per image per run.
 2. Fine-tuning phase (`Schedule.fine_tune_epochs`): the top layers of the
-   backbone are unfrozen at a lower learning rate. The bottom's activations for
-   each image are cached (float16) when the graph can be cut at one tensor
-   below the unfrozen layers, and the top trains from them; otherwise on the
-   images.
+   backbone are unfrozen at a lower learning rate, warmed up from 0. The top
+   trains from the cached activations (training images float16, validation
+   float32; without a cache folder, a spill folder removed at the end),
+   streamed from disk, when the graph can be cut at one tensor below the
+   unfrozen layers; otherwise on the images.
 
 Every `fit` goes through `Engine.fit`, which resumes the optimizer state of a
 killed run, writes `history.csv` and the checkpoint when there is a run folder,
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import weakref
 from typing import Optional
 
 import keras
@@ -42,7 +46,11 @@ from tftransfer.examples import SPLITS, feature_dataset, with_targets
 from tftransfer.graph import backbone_network, split_backbone
 from tftransfer.guards import FiniteLoss
 from tftransfer.run_folder import HistoryCSV, RunFolder
-from tftransfer.settings import FINE_TUNE_LEARNING_RATE, HEAD_LEARNING_RATE
+from tftransfer.settings import (
+    FINE_TUNE_LEARNING_RATE,
+    FINE_TUNE_WARMUP,
+    HEAD_LEARNING_RATE,
+)
 from tftransfer.tensorboard import LOGS_FOLDER, logs_callback
 from tftransfer.timings import Timings
 from tftransfer.train import (
@@ -72,13 +80,14 @@ class Schedule:
         augment: The training images are randomly augmented: nothing is
             cached. Defaults to `False`.
         cache_dir: The on-disk cache, or `None` to keep features in memory
-            (and fine-tune on the images). Defaults to `None`.
+            (activations then spill to a folder removed at the end, see
+            `Engine.spill_folder`). Defaults to `None`.
         verbose: Progress output. Defaults to `"auto"`.
         lr_decay: Each lower block of the unfrozen backbone learns this many
             times as fast as the block above it (see `discriminative_optimizer`).
             Defaults to `1.0`: one rate.
         fine_tune_warmup: Fine-tuning's rate rises linearly from 0 over this
-            fraction of its first epoch (`linear_warmup`). Defaults to `0.0`.
+            fraction of its first epoch (`linear_warmup`). Defaults to `0.3`.
 
     `learning_rate` and `fine_tune_learning_rate` may be `"auto"`: the
     learning-rate finder (`lr_find`) runs before the phase, on its cached
@@ -97,7 +106,7 @@ class Schedule:
     cache_dir: Optional[str] = None
     verbose: object = "auto"
     lr_decay: float = 1.0
-    fine_tune_warmup: float = 0.0
+    fine_tune_warmup: float = FINE_TUNE_WARMUP
 
     def configured_rate(self, phase: str):
         """`learning_rate` or `fine_tune_learning_rate`: a number or `"auto"`."""
@@ -231,7 +240,7 @@ class Engine:
         self.say("Computing backbone features"
                  + (" and the activations at the fine-tuning cut ..." if pair
                     else " ..."))
-        datasets = {}
+        datasets, kept = {}, 0
         for split in SPLITS:
             if pair is not None:
                 caches = self.activation_caches()
@@ -241,11 +250,15 @@ class Engine:
                 features = self.outputs(self.backbone, cache, split, "forward")
             if split == "validation":  # For the run's final predictions.
                 self.features[split] = features
+            kept += features.nbytes
             indices = np.arange(len(features), dtype="int32")
             datasets[split] = self.with_targets(
                 feature_dataset(features, indices, schedule.batch_size,
                                 shuffle=split == "train", seed=schedule.seed), split)
         self.activations_filled = pair is not None
+        if not self.cache_dir:
+            self.say(f"No feature cache: the features are kept in memory "
+                     f"({kept / 2**20:.1f} MiB).")
         self.say_cache("Features", "forward", cache)
         return self.head, datasets["train"], datasets["validation"]
 
@@ -264,8 +277,8 @@ class Engine:
         """Unfreezes the top of the backbone; `(network, train, validation)`.
 
         The top and the head on cached activations of the frozen bottom when
-        the graph can be cut and there is a cache, else the whole model on
-        the images.
+        the graph can be cut and they could be written (`activations`), else
+        the whole model on the images.
         """
         unfreeze_top(self.backbone, self.fine_tune_layers)
         caches = self.activations()
@@ -329,35 +342,47 @@ class Engine:
         self._activation_caches = None
         if self.schedule.augment or self.cut() is None:
             return None
-        directory = self.cache_dir or self.spill_folder()
-        if directory is None:
-            return None
         bottom, top = self.cut()
         where = [len(top.layers), list(top.input.shape)]
-        caches = {split: self.open_cache(bottom, dtype, directory, cut=where)
-                  for split, dtype in (("train", "float16"),
-                                       ("validation", "float32"))}
-        if all(caches.values()):
-            self._activation_caches = caches
+        for directory in (self.cache_dir, "spill"):
+            if directory == "spill":  # No cache folder, or one that failed.
+                directory = self.spill_folder()
+            if not directory:
+                continue
+            caches = {split: self.open_cache(bottom, dtype, directory, cut=where)
+                      for split, dtype in (("train", "float16"),
+                                           ("validation", "float32"))}
+            if all(caches.values()):
+                self._activation_caches = caches
+                break
         return self._activation_caches
 
     def spill_folder(self) -> Optional[str]:
-        """A temporary folder for activations when there is no cache folder."""
+        """A folder for activations when there is no usable cache folder.
+
+        `RUN_DIR/.activations` in a run folder (a killed run's is reused when
+        it resumes), else a temporary folder (in `$TMPDIR`: point it at a
+        disk where `/tmp` is held in memory). Either is removed by `close`.
+        """
+        import shutil
         import tempfile
 
         try:
-            self._spill = tempfile.TemporaryDirectory(prefix="tftransfer-activations-")
+            if self.run_folder is not None:
+                self._spill = self.run_folder.file(".activations")
+                os.makedirs(self._spill, exist_ok=True)
+            else:
+                self._spill = tempfile.mkdtemp(prefix="tftransfer-activations-")
         except OSError as error:
-            self.say(f"No temporary folder for activations ({error}); fine-tuning "
-                     "runs on the images.")
+            self.say(f"No folder for activations ({error}); fine-tuning runs on "
+                     "the images.")
             return None
-        totals = self.examples.totals
-        size = (totals["train"] + totals["validation"]) * 4 * int(
-            self.backbone.output_shape[-1])
-        self.say(f"No feature cache: features are kept in memory ({size / 2**20:.1f} "
-                 f"MiB), activations are written to {self._spill.name} and removed "
-                 "at the end of the run.")
-        return self._spill.name
+        # Removed at exit too, if `close` is never reached (an exception).
+        self._spill_finalizer = weakref.finalize(self, shutil.rmtree, self._spill,
+                                                 ignore_errors=True)
+        self.say(f"Activations are written to {self._spill} and removed at the end "
+                 "of the run.")
+        return self._spill
 
     def activation_dataset(self, cache, split: str, shuffle: bool = False):
         """`(activations, index)` batches of a split, streamed from `cache`."""
@@ -420,11 +445,10 @@ class Engine:
         return None
 
     def close(self) -> None:
-        """Removes the temporary activations folder, if any."""
-        spill = getattr(self, "_spill", None)
-        if spill is not None:
-            spill.cleanup()
-            self._spill = None
+        """Removes the folder activations spilled to, if any."""
+        finalizer = getattr(self, "_spill_finalizer", None)
+        if finalizer is not None:
+            finalizer()
 
     def open_cache(self, network: keras.Model, dtype: str = "float32",
                    directory: Optional[str] = None, **extra):
@@ -488,7 +512,7 @@ class Engine:
         schedule, workers, state = self.schedule, self.workers, self.state
         # Across machines the training steps are our own, never compiled by XLA.
         compiled = not workers.own_loop and jit_for(schedule.jit, network)
-        model = self.task.training_model(network, phase, self.optimizer(phase),
+        model = self.task.training_model(network, phase, self.optimizer(phase, train),
                                          compiled)
         self.xla[phase] = bool(model.jit_compile)
         # Only the same phase trained on the same model (activations or images)
@@ -539,15 +563,15 @@ class Engine:
             return self.found[phase]["suggested_learning_rate"]
         return HEAD_LEARNING_RATE if phase == "head" else FINE_TUNE_LEARNING_RATE
 
-    def optimizer(self, phase: str) -> keras.optimizers.Optimizer:
+    def optimizer(self, phase: str, train=None) -> keras.optimizers.Optimizer:
         """A new optimizer for `phase`: Adam, one per block with `lr_decay`;
-        fine-tuning's rates warm up over `fine_tune_warmup` of an epoch."""
+        fine-tuning's rates warm up over `fine_tune_warmup` of an epoch of
+        `train` (the phase's training batches)."""
         from tftransfer.hub import hub_layer
 
         steps = 0
-        if phase == "fine_tune":
-            per_epoch = -(-self.examples.totals["train"] // self.schedule.batch_size)
-            steps = round(self.schedule.fine_tune_warmup * per_epoch)
+        if phase == "fine_tune" and self.schedule.fine_tune_warmup:
+            steps = round(self.schedule.fine_tune_warmup * self.steps_per_epoch(train))
         # A TF-Hub backbone is one layer: one block, one rate.
         if (phase == "fine_tune" and self.schedule.lr_decay != 1
                 and hub_layer(self.backbone) is None):
@@ -557,6 +581,16 @@ class Engine:
                                             self.rate(phase), self.schedule.lr_decay,
                                             warmup_steps=steps)
         return keras.optimizers.Adam(linear_warmup(self.rate(phase), steps))
+
+    def steps_per_epoch(self, train) -> int:
+        """Batches in an epoch of `train`: its cardinality when known (a
+        user's batches need not be `batch_size`), else from the totals."""
+        count = -1
+        if train is not None and not self.workers.own_loop:
+            count = int(train.cardinality())
+        if count > 0:
+            return count
+        return -(-self.examples.totals["train"] // self.schedule.batch_size)
 
     def find_rate(self, phase: str, network: keras.Model, train) -> None:
         """With an `"auto"` rate, runs the range test on `network` (`lr_find`).

@@ -66,10 +66,11 @@ def _find(config: TrainConfig, phase: str, plot: Optional[str]) -> dict:
     model = build_classifier(backbone, len(folder.class_names), config.dropout)
     examples = FolderExamples(folder, image_size, config.batch_size, config.seed)
     schedule = schedule_of(config)
+    # The head's range test needs no activations: no fine-tuning is planned.
     schedule = dataclasses.replace(
-        schedule, fine_tune_epochs=max(1, schedule.fine_tune_epochs),
-        **({"learning_rate": "auto"} if phase == "head"
-           else {"fine_tune_learning_rate": "auto"}))
+        schedule, **({"learning_rate": "auto", "fine_tune_epochs": 0} if phase == "head"
+                     else {"fine_tune_learning_rate": "auto",
+                           "fine_tune_epochs": max(1, schedule.fine_tune_epochs)}))
     engine = Engine(model, examples, schedule)
     if phase == "head":
         network, train, _ = engine.head_data()

@@ -155,7 +155,8 @@ class RunConfig:
         None, "feature cache folder (default: $TFTRANSFER_CACHE_DIR, else "
         "~/.cache/tftransfer)", metavar="DIR", resumable=False)
     cache: bool = setting(
-        True, "compute backbone outputs in memory, without the on-disk cache",
+        True, "keep backbone features in memory, without the on-disk cache "
+        "(fine-tuning's activations go to RUN_DIR/.activations, removed at the end)",
         flag="--no-cache")
     mixed_precision: str = setting(
         "auto", "Keras dtype policy of the backbone; auto: float16 on GPUs with "

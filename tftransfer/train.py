@@ -277,8 +277,9 @@ def fine_tune(
     The head trains on backbone features computed once per image; then, if
     `fine_tune_epochs > 0`, the top `fine_tune_layers` layers of the backbone
     are unfrozen (BatchNormalization stays frozen) and trained at
-    `fine_tune_learning_rate`, from cached activations of the frozen bottom
-    when there is a disk cache, then frozen again. To train on several GPUs,
+    `fine_tune_learning_rate`, from activations of the frozen bottom computed
+    in the same pass as the features (cached on disk, or spilled to a
+    temporary folder without a cache), then frozen again. To train on several GPUs,
     build `model` and call this under a `tf.distribute.MirroredStrategy`'s
     `scope()` (see `make_strategy`).
 
@@ -301,7 +302,9 @@ def fine_tune(
         fine_tune_layers: How many of the network's top layers to unfreeze.
             Defaults to `None`: the top 30% (`default_fine_tune_layers`).
         callbacks: Keras callbacks for every phase's `fit`. In the head phase
-            their `model` is the head (trained on features). Defaults to `None`.
+            their `model` is the head (trained on features); while fine-tuning
+            from activations, the backbone's top with the head
+            (`"classifier_top"`, taking activations). Defaults to `None`.
         class_weight: Optional `{label: weight}` for the loss, as in `fit`
             (see `balanced_class_weights`). Defaults to `None`.
         jit_compile: `"auto"`, `True` or `False`: compile each phase's steps
@@ -318,7 +321,8 @@ def fine_tune(
             `model.keras`, `saved_model/` and `metrics.json`. Defaults to `None`.
         cache_dir: The on-disk feature cache. Defaults to `None`: the default
             cache folder (`default_cache_dir()`) with `output`, else features
-            are kept in memory and fine-tuning runs on the images.
+            are kept in memory and the activations fine-tuning trains on
+            spill to a temporary folder (in `$TMPDIR`), removed at the end.
         overwrite: With `output`: replace a finished run, or start an
             unfinished one over. Defaults to `False`.
         class_names: With `output`: the names written to `labels.txt` and
