@@ -1,9 +1,13 @@
 import os
 import shutil
+import subprocess
+import sys
+import unicodedata
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import last_json
 
 from tftransfer import DataError, image_folder_datasets, scan_image_folder
 
@@ -229,3 +233,105 @@ def test_kept_decoded_images_are_replayed_without_reading_the_files(tmp_path):
     np.testing.assert_array_equal(sorted_pixels(kept), first)
     orders = [np.concatenate([y for _, y in kept]) for _ in range(3)]
     assert any(not np.array_equal(orders[0], o) for o in orders[1:])  # reshuffled
+
+
+ODD_NAMES = ("Cat", "cat", "e\u0301t\u00e9", "\u65e5\u672c", "\u05e9\u05dc\u05d5\u05dd",
+             " trailing space ", "\U0001f408 cat")
+
+
+def test_odd_class_names_round_trip_exactly(tmp_path):
+    """Case-distinct names, a decomposed name (NFC once read: é typed on any
+    system matches it), scripts, emoji and spaces reach labels.txt, the
+    served `class_names` and the LiteRT metadata exactly, and the files of
+    the decomposed folder are all found."""
+    import keras
+
+    from tftransfer import ServedModel, export_saved_model
+    from tftransfer.export import read_labels
+    from tftransfer.tflite import read_labels as read_tflite_labels
+    from tftransfer.tflite import with_labels
+
+    folder = scan_image_folder(_class_folder(tmp_path / "data", ODD_NAMES, 4), None)
+    expected = sorted(unicodedata.normalize("NFC", name) for name in ODD_NAMES)
+    assert folder.class_names == expected
+    assert "\u00e9t\u00e9" in folder.class_names  # composed
+    assert folder.counts()[""]["\u00e9t\u00e9"] == 4
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(len(expected))])
+    path = export_saved_model(model, str(tmp_path / "sm"), folder.class_names)
+    assert read_labels(os.path.join(path, "assets", "labels.txt")) == expected
+    served = ServedModel(path)
+    assert served.class_names == expected
+    outputs = tf.saved_model.load(path).signatures["serving_default"](
+        image_bytes=tf.io.encode_png(np.zeros((8, 8, 3), "uint8"))[None])
+    assert outputs["class_names"].numpy()[0].decode() in expected
+    assert read_tflite_labels(with_labels(_tiny_tflite(model), expected)) == expected
+
+
+def _tiny_tflite(model):
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+@pytest.mark.parametrize("names, match", [
+    (("a\nb", "c"), r"'a\\nb'.*U\+000A \(a control character\)"),
+    (("a\tb", "c"), r"'a\\tb'.*U\+0009"),
+    (("a\u2028b", "c"), r"U\+2028 \(a line separator\)"),
+    (("   ", "c"), r"'   '.*blank"),
+    (("\u00e9", "e\u0301", "c"), r"two Unicode forms"),
+], ids=["newline", "tab", "line-separator", "blank", "nfc-and-nfd"])
+def test_class_names_labels_cannot_hold_are_refused_by_name(tmp_path, names, match):
+    data = _class_folder(tmp_path / "data", names, 2)
+    with pytest.raises(DataError, match=match) as error:
+        scan_image_folder(data)
+    assert "Rename" in str(error.value) or "rename" in str(error.value)
+
+
+def test_a_name_that_is_not_utf8_is_refused(tmp_path):
+    data = _class_folder(tmp_path / "data", ("ok", "fine"), 2)
+    os.rename(os.path.join(data, "ok"), os.path.join(os.fsencode(data), b"caf\xe9"))
+    with pytest.raises(DataError, match=r"caf\\udce9.*not UTF-8"):
+        scan_image_folder(data)
+
+
+def test_a_link_loop_is_walked_once_and_noted(tmp_path):
+    data = _class_folder(tmp_path / "data", ("a", "b"), 4)
+    os.symlink(".", os.path.join(data, "a", "self"))
+    os.makedirs(os.path.join(data, "b", "deeper"))
+    os.symlink(os.path.join("..", ".."), os.path.join(data, "b", "deeper", "up"))
+    folder = scan_image_folder(data, None)
+    assert folder.counts()[""] == {"a": 4, "b": 4}  # each image once
+    assert len(folder.files) == 8
+    loops = [note for note in folder.notes if "loop" in note]
+    assert [note.split(":")[0] for note in loops] == [
+        os.path.join("a", "self"), os.path.join("b", "deeper", "up")]
+
+
+def test_scanning_200000_files_stays_within_500_mib(tmp_path):
+    """The scan's own memory (its process's peak less what TensorFlow and a
+    first small scan took) on 200,000 one-byte files beside a few images."""
+    data = _class_folder(tmp_path / "data", ("a", "b"), 3)
+    for name in ("a", "b"):
+        for i in range(100_000):
+            with open(os.path.join(data, name, f"note{i:06d}.txt"), "wb") as handle:
+                handle.write(b"x")
+    small = _class_folder(tmp_path / "small", ("a", "b"), 3)
+    script = (
+        "import json, resource\n"
+        "from tftransfer.folders import scan_image_folder\n"
+        f"scan_image_folder({small!r}, None)\n"
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) / 1024\n"
+        "before = rss()\n"
+        f"folder = scan_image_folder({data!r}, None, progress=True)\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({'skipped': len(folder.skipped()), 'used': len(folder.used('')),\n"
+        "                  'before': before, 'peak': peak}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scan = last_json(result.stdout)
+    assert scan["skipped"] == 200_000 and scan["used"] == 6
+    assert scan["peak"] - scan["before"] < 500, scan

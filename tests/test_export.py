@@ -1,10 +1,13 @@
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from bombs import bmp_bomb, gif_bomb, jpeg_bomb, png_bomb, webp_bomb
 from conftest import last_json
 
 from tftransfer import (
@@ -79,3 +82,70 @@ def test_existing_export_is_kept_unless_overwrite(classifier, tmp_path):
     export_saved_model(classifier, path, ["x", "y", "z"], overwrite=True)
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
     assert [n for n in os.listdir(tmp_path) if n != "sm"] == []  # no leftovers
+
+
+def test_serving_refuses_decompression_bombs_before_decoding(classifier, tmp_path):
+    """Each bomb declares 400 million pixels (TensorFlow alone decodes the PNG
+    or the GIF to 1.2 GB of pixels); the exported signature refuses each by
+    its header, in a process that imports only TensorFlow and stays under
+    1 GiB. Bytes that are no image are refused too; an empty batch is served."""
+    path = export_saved_model(classifier, str(tmp_path / "sm"), ["x", "y", "z"])
+    bombs = {"png": png_bomb(), "jpeg": jpeg_bomb(), "gif": gif_bomb(),
+             "gif_frame_beyond_canvas": gif_bomb(screen=16), "bmp": bmp_bomb(),
+             "webp": webp_bomb()}
+    files = {**bombs, "garbage": b"not an image at all", "image": _jpegs(1)[0]}
+    for name, contents in files.items():
+        (tmp_path / name).write_bytes(contents)
+    script = textwrap.dedent(f"""
+        import json, resource, sys, tensorflow as tf
+        serve = tf.saved_model.load({path!r}).signatures["serving_default"]
+        results = {{}}
+        for name in {list(files)!r}:
+            data = open(name, "rb").read()
+            try:
+                results[name] = serve(image_bytes=tf.constant([data]))[
+                    "probabilities"].shape.as_list()
+            except tf.errors.InvalidArgumentError as error:
+                results[name] = error.message
+        empty = serve(image_bytes=tf.constant([], tf.string))
+        results["empty"] = {{k: v.shape.as_list() for k, v in empty.items()}}
+        results["tftransfer"] = "tftransfer" in sys.modules
+        results["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(results))
+        """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                            text=True, cwd=str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr
+    served = last_json(result.stdout)
+    for name in bombs:
+        assert "declares more than 40000000 pixels" in served[name], (name, served[name])
+    assert "Unknown image file format" in served["garbage"]
+    assert served["image"] == [1, 3]
+    assert served["empty"] == {"probabilities": [0, 3], "class_ids": [0],
+                               "class_names": [0]}
+    assert not served["tftransfer"]
+    assert served["peak_mib"] < 1024, served["peak_mib"]
+
+
+def test_the_pixel_limit_is_the_one_set_at_export(classifier, tmp_path):
+    """An image of exactly `max_pixels` is served; one row more is refused,
+    whatever its format."""
+    path = export_saved_model(classifier, str(tmp_path / "sm"), ["x", "y", "z"],
+                              max_pixels=48 * 40)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    for encode in (tf.io.encode_png, tf.io.encode_jpeg):
+        fits = encode(np.zeros((40, 48, 3), "uint8"))
+        assert serve(image_bytes=tf.stack([fits]))["class_ids"].shape == (1,)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="more than 1920"):
+            serve(image_bytes=tf.stack([fits, encode(np.zeros((41, 48, 3), "uint8"))]))
+
+
+def test_a_run_exports_with_its_pixel_limit(trained_run):
+    """The run records the limit its SavedModel was exported with, and the
+    SavedModel refuses an image declaring more (7000x7000, 49 MP)."""
+    with open(os.path.join(trained_run, "metrics.json")) as handle:
+        assert json.load(handle)["serving_max_pixels"] == 40_000_000
+    serve = tf.saved_model.load(os.path.join(trained_run, "saved_model")).signatures[
+        "serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 40000000"):
+        serve(image_bytes=tf.constant([jpeg_bomb(7000)]))

@@ -57,7 +57,7 @@ def test_bad_settings_fail_at_once_and_write_nothing(scenes_dir, tmp_path, capsy
         DistillConfig(scenes_dir, str(tmp_path / "no-teacher"))
     for bad in (dict(epochs=-1), dict(batch_size=0), dict(learning_rate=0),
                 dict(validation_split=1.5), dict(dropout=1.0), dict(image_size=8),
-                dict(alpha=0.5), dict(epochs=0)):
+                dict(alpha=0.5), dict(epochs=0), dict(serving_max_pixels=0)):
         with pytest.raises(ValueError):
             TrainConfig(scenes_dir, backbone="vgg16", **bad)
     # Under a second on a quiet machine (see the issue-13 note); the bound here
@@ -66,7 +66,7 @@ def test_bad_settings_fail_at_once_and_write_nothing(scenes_dir, tmp_path, capsy
 
     output = tmp_path / "out"
     for args in (["--fine-tune-layers", "9999"], ["--backbone", "nonet"],
-                 ["--epochs", "-2"]):
+                 ["--epochs", "-2"], ["--serving-max-pixels", "0"]):
         assert main(["train", scenes_dir, "--backbone", "vgg16", *args,
                      "--output", str(output)]) == 2
         error = capsys.readouterr().err

@@ -291,10 +291,13 @@ def store_or_drop(cache: Optional[FeatureCache], digest: str,
 
 
 def _dropped(cache: FeatureCache, error: OSError) -> None:
+    # Named by its root, so that a run dropping its feature and activation
+    # caches together (one full disk) warns once: same text, same place.
+    root = os.path.dirname(os.path.dirname(cache.directory))
     warnings.warn(
-        f"The feature cache {cache.directory} could not be written "
+        f"The feature cache {root} could not be written "
         f"({error.strerror or error}); the run goes on without it.",
-        stacklevel=4,
+        stacklevel=2,
     )
 
 

@@ -11,6 +11,7 @@ import time
 import traceback
 
 from tftransfer.errors import SettingError, TransferError
+from tftransfer.files import DISK_ERRNOS
 
 
 def _add_json(parser):
@@ -407,6 +408,12 @@ COMMANDS = {
 # What a stopped command left, and how to go on.
 _RUN_HINT = (" The run folder keeps every finished epoch and no partial file: run "
              "the same command to resume (add --overwrite to start over).")
+_DISK_HINT = (" Nothing half-written was left, and no file you had was "
+              "replaced: free some space (or fix the disk) and run it again.")
+_DISK_HINTS = {command: (" The run folder keeps every finished epoch and no partial "
+                         "file: free some space (or fix the disk) and run the same "
+                         "command to resume.")
+               for command in ("train", "distill")}
 _RESUME_HINTS = {"train": _RUN_HINT, "distill": _RUN_HINT,
                  "export-tflite": " Nothing was written.",
                  "export-backbone": " Nothing was written."}
@@ -431,6 +438,13 @@ def _stop_on_signals():
         return {}  # Only the main thread may set handlers.
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
             signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+
+
+def _bug(command: str) -> int:
+    traceback.print_exc()
+    print(f"tftransfer {command}: this is a bug in tftransfer, not in your "
+          "input: please report it with the traceback above.", file=sys.stderr)
+    return 1
 
 
 def main(argv=None) -> int:
@@ -462,11 +476,15 @@ def main(argv=None) -> int:
         print(f"tftransfer {args.command}: stopped by {signal.Signals(signum).name}."
               + _RESUME_HINTS.get(args.command, ""), file=sys.stderr)
         return 128 + signum
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            return _bug(args.command)
+        print(f"tftransfer {args.command}: error: could not write "
+              f"{error.filename or 'a file'}: {error.strerror}."
+              + _DISK_HINTS.get(args.command, _DISK_HINT), file=sys.stderr)
+        return 2
     except Exception:
-        traceback.print_exc()
-        print(f"tftransfer {args.command}: this is a bug in tftransfer, not in your "
-              "input: please report it with the traceback above.", file=sys.stderr)
-        return 1
+        return _bug(args.command)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tftransfer.data_report import data_report
 from tftransfer.errors import DataError
+from tftransfer.export import read_labels
 from tftransfer.folders import check_image_file, scan_image_folder, walk_files
 from tftransfer.interpretation import Interpretation
 
@@ -88,9 +89,11 @@ class ServedModel:
         self.path = resolve_saved_model(model_path)
         self._loaded = tf.saved_model.load(self.path)
         self._serve = self._loaded.signatures["serving_default"]
-        labels = os.path.join(self.path, "assets", "labels.txt")
-        with open(labels, encoding="utf-8") as handle:
-            self.class_names = [line.rstrip("\n") for line in handle if line.strip()]
+        self.class_names = read_labels(os.path.join(self.path, "assets", "labels.txt"))
+        if self.class_names is None:
+            raise FileNotFoundError(
+                f"No assets/labels.txt in {self.path}: it was not written by "
+                "export_saved_model. Export the model with tftransfer.")
 
     def predict_bytes(
         self, contents: Sequence[bytes], batch_size: int = 32

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -17,6 +18,8 @@ import tensorflow as tf
 from tftransfer.data import RESIZE_METHOD, decode_image
 from tftransfer.errors import RunFolderError
 from tftransfer.files import replace_atomically, write_atomically
+from tftransfer.image_headers import check_declared_pixels
+from tftransfer.settings import MAX_SERVING_PIXELS
 
 
 def _serving_outputs(model: keras.Model, pixels: tf.Tensor, class_names: tf.Tensor):
@@ -35,6 +38,7 @@ def export_saved_model(
     export_dir: str,
     class_names: Sequence[str],
     overwrite: bool = False,
+    max_pixels: int = MAX_SERVING_PIXELS,
 ) -> str:
     """Writes a SavedModel that serves raw image bytes and pixel arrays.
 
@@ -43,6 +47,9 @@ def export_saved_model(
 
     - `serving_default(image_bytes)`: string `[batch]` of encoded JPEG, PNG, GIF,
       BMP or WebP images, decoded and resized inside exactly as in training.
+      An image whose header declares more than `max_pixels` pixels is refused
+      before it is decoded (`InvalidArgumentError`), as are bytes that are no
+      image; an empty batch returns empty outputs.
     - `serve_pixels(images)`: float32 `[batch, height, width, 3]` in 0..255, any
       size, resized inside.
 
@@ -55,6 +62,10 @@ def export_saved_model(
         export_dir: Destination folder.
         class_names: Names of the model's classes, in label order.
         overwrite: Replace an existing `export_dir`. Defaults to `False`.
+        max_pixels: The most pixels an image sent to `serving_default` may
+            declare (`declared_pixels`), so that a decompression bomb (a few
+            kilobytes declaring 30000x30000 pixels) cannot take the server's
+            memory. Defaults to `MAX_SERVING_PIXELS` (40 million).
 
     Returns:
         `export_dir`, made absolute.
@@ -108,8 +119,12 @@ def export_saved_model(
         autograph=False,
     )
     def serve_bytes(image_bytes):
+        def decode(contents):
+            with tf.control_dependencies([check_declared_pixels(contents, max_pixels)]):
+                return decode_image(contents, image_size)
+
         pixels = tf.map_fn(
-            lambda contents: decode_image(contents, image_size),
+            decode,
             image_bytes,
             fn_output_signature=pixel_spec,
         )
@@ -155,6 +170,22 @@ def write_labels(path: str, class_names: Sequence[str]) -> None:
     """Writes class names one per line, in label order (`labels.txt`)."""
     contents = labels_text(class_names)
     write_atomically(path, lambda stream: stream.write(contents), text=True)
+
+
+def read_labels(path: str) -> Optional[list]:
+    """The class names in a `labels.txt`, exactly as written, or `None` when
+    there is none.
+
+    Lines end at `\n` alone (a name may hold any other character the scan
+    accepts, which refuses line breaks), and the file is UTF-8.
+    """
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", newline="") as handle:
+        names = handle.read().split("\n")
+    while names and not names[-1]:
+        names.pop()
+    return names
 
 
 def check_destination(path: str, overwrite: bool) -> None:

@@ -12,6 +12,7 @@ Two entry points, one scheme (write beside the destination, then rename over it)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,30 @@ from collections.abc import Callable
 TEMPORARY_PREFIX = ".tmp-"
 # A temporary file this old is a killed writer's: no write takes an hour.
 STALE_SECONDS = 3600
+# A full, read-only or failing disk: the user's to fix, not a bug.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
+                         errno.EFBIG, errno.EACCES, errno.EPERM})
+
+
+def naming(error: OSError, path: str) -> OSError:
+    """`error` (same class and errno) naming `path`, the file being written,
+    rather than the temporary file the error happened in."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, os.fspath(path))
+
+
+def disk_error(error: BaseException, path: str):
+    """The `OSError` of a full or failing disk in `error`, naming `path`, or
+    `None`. TensorFlow's writers (a SavedModel's variables) raise its own
+    `OpError`, whose message holds the system's (`No space left on device`)."""
+    if isinstance(error, OSError):
+        return naming(error, path)
+    text = str(error)
+    for code in sorted(DISK_ERRNOS):
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code), os.fspath(path))
+    return None
 
 
 def _umask() -> int:
@@ -71,9 +96,12 @@ def write_atomically(path: str, write: Callable, text: bool = False,
                        ) as stream:
             write(stream)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        failed = disk_error(error, path)
+        if failed is not None:
+            raise failed from error
         raise
 
 
@@ -137,10 +165,13 @@ def replace_atomically(path: str, write: Callable) -> str:
             old = path + f".old-{os.getpid()}"
             os.replace(path, old)
         os.replace(target, path)
-    except BaseException:
+    except BaseException as error:
         if old is not None and not os.path.exists(path):
             os.replace(old, path)
             old = None
+        failed = disk_error(error, path)
+        if failed is not None:
+            raise failed from error
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

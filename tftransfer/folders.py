@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+import unicodedata
 from collections import Counter
 from typing import Optional
 
@@ -21,6 +22,11 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.errors import DataError
+from tftransfer.image_headers import declared_pixels
+
+# Traced once: eagerly, a GIF's block walk would dispatch ops one by one.
+_declared_pixels = tf.function(declared_pixels,
+                               input_signature=[tf.TensorSpec([], tf.string)])
 
 SPLIT_NAMES = {
     "train": "train",
@@ -28,6 +34,9 @@ SPLIT_NAMES = {
     "validation": "validation",
     "test": "test",
 }
+# Unicode categories a class name must not hold (labels.txt is one per line).
+_UNWRITABLE = {"Cc": "a control character", "Zl": "a line separator",
+               "Zp": "a paragraph separator", "Cs": "bytes that are not UTF-8"}
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", ".git"}
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit.
 
@@ -49,7 +58,7 @@ _UNSUPPORTED_MAGIC = {
 }
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # Slots: a scan may hold 200,000 of them.
 class ImageFile:
     """One file found under the data folder, and what was decided about it."""
 
@@ -150,17 +159,71 @@ def _is_junk(name: str) -> bool:
     return lower in JUNK_NAMES or lower.startswith("._") or lower.startswith(".")
 
 
-def _class_dirs(folder: str) -> list:
-    return sorted(
-        entry.name
-        for entry in os.scandir(folder)
-        if entry.is_dir() and not _is_junk(entry.name)
-    )
+def _class_dirs(folder: str) -> dict:
+    """The class folders in `folder`: `{class name: folder name}`, sorted.
+
+    A class name is its folder's name in Unicode's composed form (NFC), so a
+    name typed on one system matches the folder made on another (macOS writes
+    the decomposed form). `labels.txt` holds one name per line, so a name must
+    hold no control character or line break, be valid UTF-8 and not be blank.
+
+    Raises:
+        DataError: such a name, or two folders whose names are the same once
+            composed; each named, with how to fix it.
+    """
+    found = {}
+    for folder_name in _subfolders(folder):
+        name = unicodedata.normalize("NFC", folder_name)
+        odd = [c for c in name if unicodedata.category(c) in _UNWRITABLE]
+        if odd or not name.strip():
+            what = ("blank" if not odd else "holds " + ", ".join(
+                f"U+{ord(c):04X} ({_UNWRITABLE[unicodedata.category(c)]})"
+                for c in dict.fromkeys(odd)))
+            raise DataError(
+                f"Class folder {folder_name!r} in {folder!r}: its name is {what}, "
+                "which labels.txt (one UTF-8 name per line) cannot hold. Rename "
+                "the folder.")
+        if name in found:
+            raise DataError(
+                f"Class folders {found[name]!r} and {folder_name!r} in {folder!r} "
+                f"are the same name, {name!r}, in two Unicode forms (composed and "
+                "decomposed); a class name must name one folder. Merge them or "
+                "rename one.")
+        found[name] = folder_name
+    return dict(sorted(found.items()))
 
 
-def walk_files(folder: str):
-    """Yields the files below `folder`, sorted, skipping OS junk and hidden files."""
+def _subfolders(folder: str) -> list:
+    """The names of the folders in `folder`, sorted, OS junk left out."""
+    return sorted(entry.name for entry in os.scandir(folder)
+                  if entry.is_dir() and not _is_junk(entry.name))
+
+
+def walk_files(folder: str, loops: Optional[list] = None):
+    """Yields the files below `folder`, sorted, skipping OS junk and hidden files.
+
+    Links to folders are followed, each folder once: a link to a folder
+    already walked or to one holding `folder` (a loop) is not followed, and
+    its path is appended to `loops` when given.
+    """
+    walked, parent = set(), os.path.dirname(os.path.realpath(folder))
+    while True:  # The folders holding `folder`: a link to one is a loop.
+        status = os.stat(parent)
+        walked.add((status.st_dev, status.st_ino))
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            status = os.stat(dirpath)
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) in walked:
+            dirnames[:] = []
+            if loops is not None:
+                loops.append(dirpath)
+            continue
+        walked.add((status.st_dev, status.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
         for name in sorted(filenames):
             if not _is_junk(name):
@@ -179,24 +242,6 @@ def _sniff_format(head: bytes) -> tuple:
     if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypavif", b"ftypmif1"):
         return head[8:12].decode(), False
     return "", False
-
-
-def _header_size(contents: bytes, image_format: str):
-    """(height, width) from the header, without decoding the pixels, or None."""
-    try:
-        if image_format == "png":
-            width, height = np.frombuffer(contents[16:24], ">u4")
-        elif image_format == "gif":
-            width, height = np.frombuffer(contents[6:10], "<u2")
-        elif image_format == "bmp":
-            width, height = np.frombuffer(contents[18:26], "<i4")
-        elif image_format == "jpeg":
-            height, width = tf.image.extract_jpeg_shape(contents).numpy()[:2]
-        else:
-            return None
-        return abs(int(height)), abs(int(width))
-    except (ValueError, tf.errors.OpError):
-        return None
 
 
 def check_image_file(path: str, max_pixels: int = MAX_PIXELS) -> tuple:
@@ -221,11 +266,14 @@ def check_image_file(path: str, max_pixels: int = MAX_PIXELS) -> tuple:
         return "skipped", "not an image", "", digest
     if not decodable:
         return "skipped", f"unsupported format ({image_format})", image_format, digest
-    size = _header_size(contents, image_format)
-    if size and size[0] * size[1] > max_pixels:
+    try:
+        pixels = int(_declared_pixels(contents))
+    except tf.errors.OpError:
+        pixels = 0  # An unreadable header: the decoder below says why.
+    if pixels > max_pixels:
         return (
             "skipped",
-            f"too many pixels ({size[1]}x{size[0]} > {max_pixels})",
+            f"too many pixels ({pixels} declared > {max_pixels})",
             image_format,
             digest,
         )
@@ -309,11 +357,13 @@ def scan_image_folder(
     root = os.path.abspath(os.fspath(data_dir))
     layout, class_names, sources, split_dirs, notes = _layout(
         root, data_dir, validation_split, seed)
-    files = []
-    for split, folder in sources:
+    files, loops = [], []
+    for split, folder, folders in sources:
         for label, name in enumerate(class_names):
-            for path in walk_files(os.path.join(folder, name)):
+            for path in walk_files(os.path.join(folder, folders[name]), loops):
                 files.append(ImageFile(path, name, label, split or ""))
+    notes += [f"{os.path.relpath(loop, root)}: a link back to a folder already "
+              "walked (a loop); not followed." for loop in loops]
     _check_files(files, max_pixels, progress)
     if validation_split is not None:
         for f in files:
@@ -344,10 +394,11 @@ def check_folder_options(data_dir: str, validation_split: Optional[float]) -> No
 
 
 def _layout(root: str, data_dir: str, validation_split, seed: int) -> tuple:
-    """How `root` is laid out: `(layout, class names, [(split, folder)],
-    {split: folder name}, notes)`; a source's split `""` is split by hash."""
-    top = _class_dirs(root)
-    split_dirs = {SPLIT_NAMES[d.lower()]: d for d in top if d.lower() in SPLIT_NAMES}
+    """How `root` is laid out: `(layout, class names, [(split, folder,
+    {class name: folder name})], {split: folder name}, notes)`; a source's
+    split `""` is split by hash."""
+    split_dirs = {SPLIT_NAMES[d.lower()]: d for d in _subfolders(root)
+                  if d.lower() in SPLIT_NAMES}
     notes = []
     if split_dirs and "train" not in split_dirs:
         found = ", ".join(f"{d}/" for d in split_dirs.values())
@@ -357,17 +408,19 @@ def _layout(root: str, data_dir: str, validation_split, seed: int) -> tuple:
             "holding one folder per class, or the class folders directly."
         )
     if not split_dirs:
-        layout, class_names, sources = "classes", top, [("", root)]
+        top = _class_dirs(root)
+        layout, class_names, sources = "classes", list(top), [("", root, top)]
     else:
         class_sets = {
             s: _class_dirs(os.path.join(root, d)) for s, d in split_dirs.items()
         }
-        class_names = class_sets["train"]
+        class_names = list(class_sets["train"])
         for split, names in class_sets.items():
-            if names != class_names:
+            if list(names) != class_names:
                 raise DataError(
                     f"The {split_dirs[split]}/ and {split_dirs['train']}/ folders must "
-                    f"hold the same class folders. Received: {names} and {class_names}"
+                    f"hold the same class folders. Received: {list(names)} and "
+                    f"{class_names}"
                 )
         if "validation" in split_dirs:
             layout = "splits"
@@ -377,7 +430,8 @@ def _layout(root: str, data_dir: str, validation_split, seed: int) -> tuple:
             layout = "train_test" if "test" in split_dirs else "train_only"
             notes.append(_carved_note(split_dirs, validation_split, seed))
         sources = [
-            ("" if layout != "splits" and s == "train" else s, os.path.join(root, d))
+            ("" if layout != "splits" and s == "train" else s, os.path.join(root, d),
+             class_sets[s])
             for s, d in split_dirs.items()
         ]
     if not class_names:
@@ -437,10 +491,14 @@ def _carved_note(split_dirs: dict, validation_split, seed: int) -> str:
 def _check_files(files: list, max_pixels: int, progress: bool) -> None:
     bar = keras.utils.Progbar(len(files), unit_name="file") if progress else None
     workers = min(8, (os.cpu_count() or 1) * 2)
-    # TensorFlow's decoders release the GIL, so threads decode in parallel.
+    # TensorFlow's decoders release the GIL, so threads decode in parallel;
+    # a chunk at a time, so that pending work stays bounded on huge folders.
+    chunk = 64 * workers
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda f: check_image_file(f.path, max_pixels), files)
-        for count, (f, result) in enumerate(zip(files, results), 1):
-            f.status, f.reason, f.image_format, f.digest = result
-            if bar is not None and (count % 50 == 0 or count == len(files)):
-                bar.update(count)
+        for start in range(0, len(files), chunk):
+            batch = files[start:start + chunk]
+            results = pool.map(lambda f: check_image_file(f.path, max_pixels), batch)
+            for f, result in zip(batch, results):
+                f.status, f.reason, f.image_format, f.digest = result
+            if bar is not None:
+                bar.update(start + len(batch))

@@ -179,7 +179,7 @@ class LiteRTModel:
 
 
 def _labels_beside(path: str, num_classes: int) -> list:
-    from tftransfer.teacher import read_labels
+    from tftransfer.export import read_labels
 
     names = read_labels(os.path.join(os.path.dirname(path), "labels.txt"))
     if names is not None and len(names) == num_classes:

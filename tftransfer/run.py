@@ -31,7 +31,7 @@ from tftransfer.interpretation import PREDICTIONS_FILE, Interpretation
 from tftransfer.precision import dtype_policy_scope
 from tftransfer.report import REPORT_FOLDER
 from tftransfer.run_folder import RunFolder
-from tftransfer.settings import RunConfig, TrainConfig
+from tftransfer.settings import MAX_SERVING_PIXELS, RunConfig, TrainConfig
 from tftransfer.tensorboard import LOGS_FOLDER, write_run_summary
 from tftransfer.timings import Timings
 from tftransfer.train import balanced_class_weights
@@ -191,7 +191,8 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         metrics, interpretation = _evaluate(model, engine, everything, history)
     engine.close()
     with timings.stage("export"):
-        saved_model = run_folder.write_model(model, folder.class_names)
+        saved_model = run_folder.write_model(model, folder.class_names,
+                                             config.serving_max_pixels)
     with timings.stage("tflite"):
         tflite = _write_tflite(config, model, folder, run_folder)
     summary = {
@@ -200,6 +201,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         **_data_summary(folder, report),
         "run_dir": run_folder.path,
         "saved_model": saved_model,
+        "serving_max_pixels": config.serving_max_pixels,
         "model": run_folder.file("model.keras"),
         **_settings_summary(config, image_size, schedule),
         **_engine_summary(engine, workers, model, state, schedule),
@@ -420,6 +422,7 @@ def run_in_folder(model, examples, schedule: Schedule, output: str, overwrite: b
             "class_names": names,
             "run_dir": run_folder.path,
             "saved_model": saved_model,
+            "serving_max_pixels": MAX_SERVING_PIXELS,
             "model": run_folder.file("model.keras"),
             **_engine_summary(engine, workers, model, state, schedule),
             "history": history.history,

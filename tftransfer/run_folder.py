@@ -24,6 +24,7 @@ history in `RUN_DIR/.worker-N` until the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -36,12 +37,14 @@ from tftransfer.checkpoint import RunCheckpoint, truncate_history
 from tftransfer.errors import DataError, RunFolderError, TransferError
 from tftransfer.export import export_saved_model, write_labels
 from tftransfer.files import (
+    naming,
     recover_interrupted,
     replace_atomically,
     write_json_atomically,
 )
 from tftransfer.interpretation import PREDICTIONS_FILE
 from tftransfer.report import REPORT_FOLDER
+from tftransfer.settings import MAX_SERVING_PIXELS
 from tftransfer.tensorboard import LOGS_FOLDER, learning_rate_of, restart_logs
 
 try:  # POSIX only; elsewhere runs are not locked against each other.
@@ -85,13 +88,21 @@ class HistoryCSV(keras.callbacks.Callback):
         if write_header:
             columns = ["epoch", "phase", *sorted(logs)]
         row = {"epoch": epoch + 1, "phase": self.phase, **logs}
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-            if write_header:
-                writer.writeheader()
-            writer.writerow(row)
-            handle.flush()
-            os.fsync(handle.fileno())
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+                if write_header:
+                    writer.writeheader()
+                writer.writerow(row)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            # A full disk may have taken part of the row: cut it off, so the
+            # file holds whole rows only, the finished epochs'.
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise naming(error, self.path) from error
 
 
 def read_history(path: str) -> dict:
@@ -290,15 +301,17 @@ class RunFolder:
         """The finished epochs' metrics (see `read_history`)."""
         return read_history(self.history_path)
 
-    def write_model(self, model: keras.Model, class_names: list) -> str:
+    def write_model(self, model: keras.Model, class_names: list,
+                    max_pixels: int = MAX_SERVING_PIXELS) -> str:
         """Writes `model.keras`, `labels.txt` and `saved_model/`; returns the latter.
 
-        Each is written beside its place and renamed into it.
+        Each is written beside its place and renamed into it; the SavedModel
+        refuses images declaring more than `max_pixels` pixels.
         """
         replace_atomically(self.file("model.keras"), model.save)
         write_labels(self.file("labels.txt"), class_names)
         return export_saved_model(model, self.file("saved_model"), class_names,
-                                  overwrite=True)
+                                  overwrite=True, max_pixels=max_pixels)
 
     def finish(self, summary: dict) -> None:
         """Writes `metrics.json` (the mark of a finished run), drops the checkpoint."""

@@ -31,6 +31,10 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 CALIBRATION_IMAGES = 200
 MAX_ACCURACY_DROP = 0.02
+# The exported signatures refuse an image whose header declares more pixels
+# (tftransfer.image_headers): above any camera's frame (24 MP is 6000x4000),
+# and a few hundred MB at most for the decoder.
+MAX_SERVING_PIXELS = 40_000_000
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
@@ -176,6 +180,10 @@ class RunConfig:
         "validation split (model.parity.json); int8 calibrates on "
         f"{CALIBRATION_IMAGES} training images", choices=QUANTIZATIONS,
         metavar="|".join(QUANTIZATIONS), resumable=False)
+    serving_max_pixels: int = setting(
+        MAX_SERVING_PIXELS, "the exported SavedModel refuses an image whose header "
+        "declares more pixels, before decoding it (a decompression bomb)",
+        metavar="N", cli_type=int, resumable=False)
     report: bool = setting(
         True, "skip RUN_DIR/report/ (report.html: learning curves, confusion "
         "matrix, per-class scores, top losses, data) and the TensorBoard summary "
@@ -212,6 +220,7 @@ class RunConfig:
                              "are both 0. Received: epochs=0, fine_tune_epochs=0")
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        _check_int("serving_max_pixels", self.serving_max_pixels, minimum=1)
         for name in ("learning_rate", "fine_tune_learning_rate"):
             value = getattr(self, name)
             if value != "auto" and (not isinstance(value, (int, float))

@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from tftransfer.errors import DataError, TransferError
+from tftransfer.export import read_labels
 from tftransfer.run_folder import load_run_model, model_file
 
 
@@ -41,14 +42,6 @@ def teacher_kind(path: str) -> str:
         f"No teacher model at {path}. Expected a tftransfer run folder, a .keras "
         "file or a tftransfer SavedModel folder."
     )
-
-
-def read_labels(path: str) -> Optional[list]:
-    """The class names in a `labels.txt`, or `None` when there is none."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return [line.rstrip("\n") for line in handle if line.strip()]
 
 
 def load_teacher(path: str, safe_mode: bool = True) -> Teacher:

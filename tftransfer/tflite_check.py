@@ -318,8 +318,8 @@ def tflite_from_run(
     Returns:
         The parity report (see `export_checked_tflite`).
     """
+    from tftransfer.export import read_labels as read_run_labels
     from tftransfer.run_folder import load_run_model, model_file
-    from tftransfer.teacher import read_labels as read_run_labels
 
     check_destination(os.path.abspath(output), overwrite)
     keras_file = model_file(model_path)
