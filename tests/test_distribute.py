@@ -386,6 +386,44 @@ def test_killed_workers_resume_from_the_chiefs_checkpoint(tmp_path):
     assert sorted(os.listdir(run)) == FINISHED_RUN
 
 
+def test_a_terminated_worker_stops_the_others_and_all_resume(scenes_dir, tmp_path):
+    """SIGTERM to worker 1 mid-run (a scheduler preempting its machine): it
+    stops at once (exit 143, how to resume); the chief, its peer gone, stops
+    within a minute saying so (exit 2) instead of waiting forever; started
+    again, both resume and every epoch is recorded once."""
+    import signal
+
+    run = tmp_path / "run"
+    history = run / "history.csv"
+    model = ("--backbone", "vgg16", "--weights", "none", "--image-size", "32")
+    # Fine-tuning epochs: slow enough (the top on activations) to land in.
+    args = ("--epochs", "2", "--fine-tune-epochs", "40", "--fine-tune-layers", "2",
+            "--batch-size", "8", "--no-report")
+    chief, worker = _start_workers(str(run), scenes_dir, *args, model=model)
+    deadline = time.time() + 300
+    while time.time() < deadline and chief.poll() is None and worker.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    stopped = time.time()
+    (chief_code, _, chief_err), (code, _, stderr) = _finish([chief, worker], timeout=120)
+    assert code == 143 and "stopped by SIGTERM" in stderr, stderr[-2000:]
+    assert "run the same command to resume" in stderr
+    assert chief_code == 2, chief_err[-2000:]
+    assert "Lost contact with the other workers" in chief_err
+    assert "Start every worker again with the same command" in chief_err
+    assert time.time() - stopped < 60
+    done = len(history.read_text().splitlines()) - 1
+    assert 3 <= done < 42, "the signal should land mid-run"
+    outputs = _finish(_start_workers(str(run), scenes_dir, *args, model=model))
+    for code, stdout, stderr in outputs:
+        assert code == 0, stderr[-3000:]
+        assert last_json(stdout)["resumed_from_epoch"] in (done, done - 1)
+    epochs = [row.split(",")[0] for row in history.read_text().splitlines()[1:]]
+    assert epochs == [str(e) for e in range(1, 43)]
+
+
 @pytest.mark.shared
 def test_a_worker_with_other_settings_is_refused(tmp_path):
     data = shared_path("data", "hymenoptera")

@@ -21,6 +21,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 from typing import Optional
 
 import numpy as np
@@ -129,7 +131,17 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
             "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}'. "
             "See the README's 'Scaling out'."
         )
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    # Its coordination service installs TensorFlow's own SIGTERM handler (a
+    # preemption notifier, for PreemptionCheckpointHandler, which we do not
+    # use): SIGTERM would no longer reach Python, and a scheduler's stop would
+    # be ignored. The handler in place before (the command's, which stops the
+    # run keeping every finished epoch, or the default) is put back.
+    previous = (signal.getsignal(signal.SIGTERM)
+                if threading.current_thread() is threading.main_thread() else None)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    return strategy
 
 
 @dataclasses.dataclass
