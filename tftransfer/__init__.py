@@ -30,6 +30,7 @@ _EXPORTS = {
     "Interpretation": "tftransfer.interpretation",
     "LRFinderResult": "tftransfer.lr_find",
     "LiteRTModel": "tftransfer.litert",
+    "ProbabilityAverage": "tftransfer.ensemble",
     "RunConfig": "tftransfer.settings",
     "RunFolderError": "tftransfer.errors",
     "RunResult": "tftransfer.run",
@@ -38,9 +39,11 @@ _EXPORTS = {
     "TrainConfig": "tftransfer.settings",
     "TransferError": "tftransfer.errors",
     "WeightsUnavailableError": "tftransfer.errors",
+    "average_weights": "tftransfer.soup",
     "backbone_names": "tftransfer.backbones",
     "balanced_class_weights": "tftransfer.train",
     "build_classifier": "tftransfer.heads",
+    "build_ensemble": "tftransfer.ensemble",
     "build_head": "tftransfer.heads",
     "check_tflite": "tftransfer.tflite_check",
     "compute_features": "tftransfer.train",
@@ -48,6 +51,7 @@ _EXPORTS = {
     "default_cache_dir": "tftransfer.cache",
     "distill_run": "tftransfer.distill_run",
     "distillation_loss": "tftransfer.distill",
+    "ensemble": "tftransfer.ensemble",
     "distributed_fit": "tftransfer.distribute",
     "evaluate_folder": "tftransfer.evaluate",
     "export_backbone": "tftransfer.hub",
@@ -65,6 +69,7 @@ _EXPORTS = {
     "predict_paths": "tftransfer.evaluate",
     "register_backbone": "tftransfer.backbones",
     "scan_image_folder": "tftransfer.folders",
+    "soup": "tftransfer.soup",
     "train_run": "tftransfer.run",
     "unfreeze_top": "tftransfer.train",
     "write_report": "tftransfer.report",
@@ -88,9 +93,10 @@ def __dir__() -> list:
 
 
 class _Package(types.ModuleType):
-    """Keeps `tftransfer.lr_find` and `tftransfer.distill_run` the functions.
+    """Keeps `tftransfer.lr_find`, `distill_run`, `ensemble` and `soup` the
+    functions.
 
-    Importing a submodule binds it on its package under its own name; two
+    Importing a submodule binds it on its package under its own name; these
     public functions share their module's name, and the function must win,
     as it did when the package imported everything at once.
     """

@@ -144,6 +144,42 @@ def _add_model_commands(commands) -> None:
         "external SavedModel's graph, so only for files you trust",
     )
     _add_json(export_backbone)
+    _add_combine_commands(commands)
+
+
+def _add_combine_commands(commands) -> None:
+    from tftransfer.settings import MAX_SERVING_PIXELS
+
+    ensemble = commands.add_parser(
+        "ensemble", help="one run folder whose model averages several runs",
+        description="Write a run folder whose model.keras and SavedModel average "
+        "the probabilities of RUNs trained on the same classes (any backbones); "
+        "metrics.json holds each member's validation accuracy and the ensemble's.")
+    ensemble.add_argument("runs", metavar="RUN", nargs="+")
+    ensemble.add_argument("--output", "-o", required=True, metavar="OUT")
+    ensemble.add_argument(
+        "--weights", default="uniform", choices=("uniform", "fit"),
+        help="uniform, or fit: non-negative weights fitted on the validation "
+        "split by log loss (default: uniform)")
+    soup = commands.add_parser(
+        "soup", help="one network: the weight average of fine-tuned runs",
+        description="Write a run folder whose network averages the weights of "
+        "RUNs fine-tuned from the same backbone and starting weights (a model "
+        "soup): one network's serving cost.")
+    soup.add_argument("runs", metavar="RUN", nargs="+")
+    soup.add_argument("--output", "-o", required=True, metavar="OUT")
+    soup.add_argument(
+        "--greedy", action="store_true",
+        help="add runs best first, each only if the validation accuracy does not "
+        "fall (the runs' data folder is read)")
+    for command in (ensemble, soup):
+        command.add_argument(
+            "--serving-max-pixels", type=int, default=MAX_SERVING_PIXELS, metavar="N",
+            help="the SavedModel refuses images declaring more pixels "
+            f"(default: {MAX_SERVING_PIXELS})")
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace a finished run in OUT")
+        _add_json(command)
 
 
 def _add_export_tflite(commands) -> None:
@@ -348,6 +384,34 @@ def _export_backbone(args):
                                   f"reuse it with --backbone hub:{output}"]
 
 
+def _ensemble(args):
+    from tftransfer.ensemble import ensemble
+
+    summary = ensemble(args.runs, args.output, args.weights, args.overwrite,
+                       args.serving_max_pixels)
+    return summary, _combined_lines("ensemble", summary)
+
+
+def _soup(args):
+    from tftransfer.soup import soup
+
+    summary = soup(args.runs, args.output, args.greedy, args.overwrite,
+                   args.serving_max_pixels)
+    return summary, _combined_lines("soup", summary)
+
+
+def _combined_lines(what: str, summary: dict) -> list:
+    def accuracy(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [f"{member['run']}: val_accuracy {accuracy(member['val_accuracy'])}, "
+             f"weight {member['weight']:.3f}" for member in summary["members"]]
+    lines += [f"{what}: val_accuracy {accuracy(summary['val_accuracy'])}",
+              f"run folder: {summary['run_dir']}",
+              f"SavedModel for serving: {summary['saved_model']}"]
+    return lines
+
+
 def _config(from_arguments, config_class, args):
     """The config for `args`; a value it refuses is the user's error, not a bug."""
     try:
@@ -400,6 +464,8 @@ COMMANDS = {
     "predict": _predict,
     "export-tflite": _export_tflite,
     "export-backbone": _export_backbone,
+    "ensemble": _ensemble,
+    "soup": _soup,
     "demo": _demo,
     "backbones": _backbones,
 }
