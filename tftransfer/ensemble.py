@@ -37,6 +37,13 @@ class ProbabilityAverage(keras.layers.Layer):
 
     Args:
         member_weights: One non-negative weight per input, summing to 1.
+
+    Example:
+
+    >>> layer = ProbabilityAverage([0.5, 0.5])
+    >>> logits = layer([np.log([[0.2, 0.8]]), np.log([[0.6, 0.4]])])
+    >>> np.round(ops.convert_to_numpy(ops.softmax(logits)), 3)
+    array([[0.4, 0.6]], dtype=float32)
     """
 
     def __init__(self, member_weights: Sequence[float], **kwargs):
@@ -145,6 +152,27 @@ def ensemble(runs: Sequence[str], output: str, weights: str = "uniform",
         SettingError: fewer than two runs, or an unknown `weights`.
         DataError: a member without a model or labels, members over other
             classes (named), or `"fit"` without the same validation images.
+
+    Example:
+
+    Two tiny models stand for run folders:
+
+    >>> import tempfile
+    >>> from tftransfer.export import write_labels
+    >>> work, runs = tempfile.mkdtemp(), []
+    >>> for seed in (0, 1):
+    ...     keras.utils.set_random_seed(seed)
+    ...     runs.append(os.path.join(work, f"run-{seed}"))
+    ...     os.makedirs(runs[-1])
+    ...     keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+    ...                       keras.layers.Dense(2)]).save(
+    ...         os.path.join(runs[-1], "model.keras"))
+    ...     write_labels(os.path.join(runs[-1], "labels.txt"), ["cat", "dog"])
+    >>> summary = ensemble(runs, os.path.join(work, "ensemble"))
+    >>> summary["member_weights"], summary["class_names"], summary["image_size"]
+    ([0.5, 0.5], ['cat', 'dog'], 8)
+    >>> sorted(os.listdir(summary["run_dir"]))
+    ['labels.txt', 'metrics.json', 'model.keras', 'saved_model']
     """
     check_choice("weights", weights, ENSEMBLE_WEIGHTS)
     runs = [os.path.abspath(os.fspath(run)) for run in runs]

@@ -30,7 +30,25 @@ SAME_START = ("backbone", "alpha", "weights", "image_size", "dropout")
 
 
 def average_weights(models) -> list:
-    """The element-wise mean of the models' weights (`get_weights` order)."""
+    """The element-wise mean of the models' weights.
+
+    Args:
+        models: Keras models of one architecture.
+
+    Returns:
+        A list of arrays in `get_weights` order, each the mean of the models'
+        (in their dtype), for `set_weights`.
+
+    Example:
+
+    >>> import keras
+    >>> models = [keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    ...           for _ in range(2)]
+    >>> models[0].set_weights([np.ones((2, 1)), np.zeros(1)])
+    >>> models[1].set_weights([np.full((2, 1), 3.0), np.ones(1)])
+    >>> [w.tolist() for w in average_weights(models)]
+    [[[2.0], [2.0]], [0.5]]
+    """
     weights = [model.get_weights() for model in models]
     return [np.mean(arrays, axis=0).astype(arrays[0].dtype) for arrays in zip(*weights)]
 
@@ -61,6 +79,28 @@ def soup(runs: Sequence[str], output: str, greedy: bool = False,
         DataError: a member that is not a finished run folder, members over
             other classes, or from another backbone or start (named); greedy
             without the first run's data folder.
+
+    Example:
+
+    Two tiny models standing for finished runs of one start:
+
+    >>> import keras, tempfile
+    >>> from tftransfer.export import write_labels
+    >>> from tftransfer.files import write_json_atomically
+    >>> work, runs = tempfile.mkdtemp(), []
+    >>> for seed in (0, 1):
+    ...     keras.utils.set_random_seed(seed)
+    ...     runs.append(os.path.join(work, f"run-{seed}"))
+    ...     os.makedirs(runs[-1])
+    ...     keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+    ...                       keras.layers.Dense(2)]).save(
+    ...         os.path.join(runs[-1], "model.keras"))
+    ...     write_labels(os.path.join(runs[-1], "labels.txt"), ["cat", "dog"])
+    ...     write_json_atomically(os.path.join(runs[-1], "metrics.json"),
+    ...                           {"backbone": "tiny", "settings": {}})
+    >>> summary = soup(runs, os.path.join(work, "soup"))
+    >>> [member["weight"] for member in summary["members"]]
+    [0.5, 0.5]
     """
     runs = [os.path.abspath(os.fspath(run)) for run in runs]
     if len(runs) < 2:
