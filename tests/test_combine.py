@@ -29,7 +29,7 @@ def runs(scenes_dir, tmp_path_factory):
                        ("fast", ["--backbone", "vgg16", "--learning-rate", "0.01"]),
                        ("mobilenet", ["--backbone", "mobilenet", "--alpha", "0.25"])):
         made[name] = str(folder / name)
-        assert main(["train", scenes_dir, *FAST, *args, "--epochs", "12",
+        assert main(["train", scenes_dir, *FAST, *args, "--epochs", "8",
                      "--fine-tune-epochs", "1", "--fine-tune-layers", "2",
                      "--output", made[name]]) == 0
     return made
@@ -72,7 +72,7 @@ def test_an_ensemble_teaches_a_student(runs, scenes_dir, tmp_path, capsys):
     teacher = str(tmp_path / "ensemble")
     ensemble([runs["slow"], runs["fast"]], teacher)
     assert main(["distill", scenes_dir, "--teacher", teacher, "--student", "vgg16",
-                 *FAST, "--epochs", "3", "--output", str(tmp_path / "student"),
+                 *FAST, "--epochs", "1", "--output", str(tmp_path / "student"),
                  "--json"]) == 0
     assert last_json(capsys.readouterr().out)["val_accuracy"] > 0
 
