@@ -49,7 +49,11 @@ def average_weights(models) -> list:
     >>> [w.tolist() for w in average_weights(models)]
     [[[2.0], [2.0]], [0.5]]
     """
-    weights = [model.get_weights() for model in models]
+    return _mean([model.get_weights() for model in models])
+
+
+def _mean(weights: list) -> list:
+    """The element-wise mean of several `get_weights` lists."""
     return [np.mean(arrays, axis=0).astype(arrays[0].dtype) for arrays in zip(*weights)]
 
 
@@ -123,10 +127,13 @@ def soup(runs: Sequence[str], output: str, greedy: bool = False,
             raise DataError(f"{run} and {runs[0]} have networks of other shapes; "
                             "a soup needs the same network.")
     validation = _validation(settings[0], greedy)
+    # Read once: the soup is evaluated in the first member's model, whose
+    # weights it overwrites.
+    weights = [member.get_weights() for member in models]
     model = models[0]
 
-    def evaluated(members) -> Interpretation:
-        model.set_weights(average_weights(members))
+    def evaluated(indices) -> Interpretation:
+        model.set_weights(_mean([weights[i] for i in indices]))
         dataset, paths = validation
         return Interpretation.from_model(model, dataset, class_names, paths)
 
@@ -134,14 +141,14 @@ def soup(runs: Sequence[str], output: str, greedy: bool = False,
     chosen = list(range(len(runs)))
     if greedy:
         order = sorted(chosen, key=lambda i: -(accuracies[i] or 0))
-        chosen, best = [order[0]], accuracy_of(evaluated([models[order[0]]]))
+        chosen, best = [order[0]], accuracy_of(evaluated([order[0]]))
         for index in order[1:]:
-            score = accuracy_of(evaluated([models[i] for i in chosen + [index]]))
+            score = accuracy_of(evaluated(chosen + [index]))
             if score >= best:
                 chosen, best = chosen + [index], score
-    interpretation = evaluated([models[i] for i in chosen]) if validation else None
+    interpretation = evaluated(chosen) if validation else None
     if interpretation is None:
-        model.set_weights(average_weights([models[i] for i in chosen]))
+        model.set_weights(_mean([weights[i] for i in chosen]))
     members = [{"run": run, "val_accuracy": accuracy,
                 "weight": 1 / len(chosen) if index in chosen else 0.0}
                for index, (run, accuracy) in enumerate(zip(runs, accuracies))]
