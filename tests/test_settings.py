@@ -78,6 +78,7 @@ def test_bad_settings_fail_at_once_and_write_nothing(scenes_dir, tmp_path, capsy
 
 
 def test_missing_weights_fail_before_the_scan(scenes_dir, tmp_path, monkeypatch):
+    import tftransfer.fusion
     import tftransfer.run
     from tftransfer import WeightsUnavailableError, train_run
 
@@ -88,7 +89,7 @@ def test_missing_weights_fail_before_the_scan(scenes_dir, tmp_path, monkeypatch)
     def offline(*args, **kwargs):
         raise WeightsUnavailableError("no network")
 
-    monkeypatch.setattr(tftransfer.run, "load_backbone", offline)
+    monkeypatch.setattr(tftransfer.fusion, "load_backbone", offline)
     with pytest.raises(WeightsUnavailableError):
         train_run(TrainConfig(scenes_dir, output=str(tmp_path / "run"),
                               backbone="vgg16", verbose=0))

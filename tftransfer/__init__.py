@@ -44,6 +44,8 @@ _EXPORTS = {
     "balanced_class_weights": "tftransfer.train",
     "build_classifier": "tftransfer.heads",
     "build_ensemble": "tftransfer.ensemble",
+    "build_fused_backbone": "tftransfer.fusion",
+    "build_fused_classifier": "tftransfer.fusion",
     "build_head": "tftransfer.heads",
     "check_tflite": "tftransfer.tflite_check",
     "compute_features": "tftransfer.train",

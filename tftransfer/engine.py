@@ -43,6 +43,7 @@ from tftransfer.checkpoint import restore_optimizer, restore_weights
 from tftransfer.distribute import distributed_fit
 from tftransfer.errors import SettingError
 from tftransfer.examples import SPLITS, feature_dataset, with_targets
+from tftransfer.fusion import FUSION_LAYER, fused_members, member_path
 from tftransfer.graph import backbone_network, split_backbone
 from tftransfer.guards import FiniteLoss
 from tftransfer.run_folder import HistoryCSV, RunFolder
@@ -163,6 +164,11 @@ class Engine:
         self.model = model
         self.backbone = model.get_layer("backbone")
         self.head = model.get_layer("head")
+        # A fusion's member backbones (`tftransfer.fusion`), or `None`.
+        self.members = fused_members(self.backbone)
+        if self.members is not None and schedule.lr_decay != 1:
+            raise SettingError("--lr-decay applies to one backbone, not a fusion: "
+                               "leave it at 1.")
         self.examples = examples
         self.schedule = schedule
         self.task = task or ClassifierTask()
@@ -234,7 +240,7 @@ class Engine:
         if schedule.augment:  # New random views every epoch: no features to keep.
             return (self.model, self.images("train", shuffle=True),
                     self.images("validation"))
-        cache = self.open_cache(self.backbone)
+        cache = None if self.members else self.open_cache(self.backbone)
         # Fine-tuning to come: the same pass yields the activations at the cut.
         pair = self.pair_network() if schedule.fine_tune_epochs else None
         self.say("Computing backbone features"
@@ -246,6 +252,8 @@ class Engine:
                 caches = self.activation_caches()
                 features, _ = self.outputs(pair, [cache, caches[split]], split,
                                            ("forward", "activations"), keep=(True, False))
+            elif self.members:
+                features = self.fused_features(split)
             else:
                 features = self.outputs(self.backbone, cache, split, "forward")
             if split == "validation":  # For the run's final predictions.
@@ -259,8 +267,53 @@ class Engine:
         if not self.cache_dir:
             self.say(f"No feature cache: the features are kept in memory "
                      f"({kept / 2**20:.1f} MiB).")
-        self.say_cache("Features", "forward", cache)
+        self.say_cache("Features", "forward",
+                       cache if self.members is None else self.member_caches()[0])
         return self.head, datasets["train"], datasets["validation"]
+
+    def member_caches(self) -> list:
+        """Each fusion member's feature cache, under the key a single run of
+        that member uses (its own network, image size and preprocessing), so
+        that the members' features are shared with their single runs."""
+        if not hasattr(self, "_member_caches"):
+            side = int(self.model.input_shape[1])
+            self._member_caches = []
+            for member in self.members:
+                size = int(member.input_shape[1])
+                # A user's batches come at the fused size: a member at
+                # another size sees them resized, which a key must say.
+                extra = ({} if size == side or self.on_folder
+                         else {"resized_from": side})
+                self._member_caches.append(self.open_cache(
+                    member, backbone=member, image_size=size, **extra))
+        return self._member_caches
+
+    @property
+    def on_folder(self) -> bool:
+        """Whether the examples are files, decoded at any size asked."""
+        return hasattr(self.examples, "image_size")
+
+    def fused_features(self, split: str) -> np.ndarray:
+        """A fusion's features of a split: each member's (computed once per
+        image, through its cache), joined by the backbone's `fusion` layer.
+
+        From image files each member decodes at its own size, as its single
+        run does; from a user's batches the member sees them through the
+        backbone's resizing.
+        """
+        parts = []
+        for index, (member, cache) in enumerate(zip(self.members,
+                                                    self.member_caches())):
+            options = {}
+            network = member
+            if self.on_folder:
+                options["image_size"] = int(member.input_shape[1])
+            else:
+                network = member_path(self.backbone, index)
+            parts.append(self.outputs(network, cache, split, "forward", **options))
+        fusion = self.backbone.get_layer(FUSION_LAYER)
+        return np.asarray(keras.ops.convert_to_numpy(fusion(parts, training=False)),
+                          "float32")
 
     def fine_tune_phase(self) -> None:
         """Unfreezes the top of the backbone and trains it at the lower rate."""
@@ -280,7 +333,13 @@ class Engine:
         the graph can be cut and they could be written (`activations`), else
         the whole model on the images.
         """
-        unfreeze_top(self.backbone, self.fine_tune_layers)
+        if self.members is None:
+            unfreeze_top(self.backbone, self.fine_tune_layers)
+        else:  # The top of each member.
+            self.backbone.trainable = True
+            for member in self.members:
+                unfreeze_top(member, self.schedule.fine_tune_layers
+                             or default_fine_tune_layers(member))
         caches = self.activations()
         if caches is None:
             return self.model, self.images("train", shuffle=True), self.images(
@@ -301,6 +360,9 @@ class Engine:
     def cut(self) -> Optional[tuple]:
         """`(bottom, top)` of the backbone below and above the fine-tuned
         layers (`split_backbone`), or `None` when its graph cannot be cut."""
+        if not hasattr(self, "_cut") and self.members is not None:
+            self._cut = None
+            self.say("A fusion fine-tunes the top of each member on the images.")
         if not hasattr(self, "_cut"):
             self._cut = split_backbone(self.backbone, self.fine_tune_layers)
             if self._cut is None:
@@ -451,16 +513,19 @@ class Engine:
             finalizer()
 
     def open_cache(self, network: keras.Model, dtype: str = "float32",
-                   directory: Optional[str] = None, **extra):
+                   directory: Optional[str] = None, backbone=None,
+                   image_size: Optional[int] = None, **extra):
         """The cache of `network`'s outputs, or `None` (no cache, or unusable).
 
-        `directory` defaults to the schedule's cache folder.
+        `directory` defaults to the schedule's cache folder; `backbone` (what
+        names the network) to the engine's; `image_size` to the model's.
         """
         directory = directory or self.cache_dir
         if not directory:
             return None
-        name, preprocessing = network_identity(self.backbone)
-        key = feature_cache_key(network, name, int(self.model.input_shape[1]),
+        name, preprocessing = network_identity(backbone or self.backbone)
+        key = feature_cache_key(network, name,
+                                image_size or int(self.model.input_shape[1]),
                                 preprocessing, **extra)
         return open_cache(directory, key, dtype=dtype,
                           verbose=self.schedule.verbose != 0)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import keras
-
-from tftransfer.backbones import load_backbone
 
 
 def build_head(
@@ -101,17 +97,16 @@ def build_classifier(
     return keras.Model(inputs, head(features), name="classifier")
 
 
-def plain_copy(model: keras.Model, backbone: str, image_size: int,
-               alpha: Optional[float], dropout: float) -> keras.Model:
+def plain_copy(model: keras.Model, network: keras.Model, dropout: float) -> keras.Model:
     """The trained classifier rebuilt outside any strategy, for saving.
 
-    `backbone`, `image_size`, `alpha` and `dropout` are those it was built with.
+    `network` is a new backbone built as the model's was (its weights are
+    replaced), `dropout` the head's.
 
     A model built under a strategy holds distributed variables; saving a plain
     copy keeps the exported files free of them, and keeps the chief's saving
     free of collective ops the other workers would have to join.
     """
-    network = load_backbone(backbone, None, image_size, alpha)
     copy = build_classifier(network, int(model.outputs[0].shape[-1]), dropout)
     # Built the same way and frozen the same way, the two list their weights
     # in the same order (names may differ: Keras numbers repeated layer names).

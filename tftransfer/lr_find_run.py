@@ -18,9 +18,9 @@ from typing import Optional
 
 import keras
 
-from tftransfer.backbones import load_backbone
 from tftransfer.engine import Engine
 from tftransfer.examples import FolderExamples
+from tftransfer.fusion import build_backbone
 from tftransfer.heads import build_classifier
 from tftransfer.lr_find import plot_record
 from tftransfer.precision import dtype_policy_scope
@@ -59,8 +59,7 @@ def find_learning_rate(config: TrainConfig, phase: str = "head",
 
 def _find(config: TrainConfig, phase: str, plot: Optional[str]) -> dict:
     keras.utils.set_random_seed(config.seed)
-    backbone = load_backbone(config.network, config.weights, config.image_size,
-                             config.alpha)
+    backbone = build_backbone(config, config.image_size)
     image_size = int(backbone.input_shape[1])
     folder, _ = scan(config)
     model = build_classifier(backbone, len(folder.class_names), config.dropout)

@@ -19,13 +19,13 @@ from typing import NamedTuple, Optional
 import keras
 import tensorflow as tf
 
-from tftransfer.backbones import load_backbone
 from tftransfer.cache import default_cache_dir, weights_fingerprint
 from tftransfer.data import DECODED_CACHE_BYTES
 from tftransfer.data_report import class_imbalance, data_report, summarize_data
 from tftransfer.engine import ClassifierTask, Engine, Schedule, network_identity
 from tftransfer.examples import FolderExamples
 from tftransfer.folders import ImageFolder, scan_image_folder
+from tftransfer.fusion import build_backbone
 from tftransfer.heads import build_classifier, evaluate_classifier, plain_copy
 from tftransfer.interpretation import PREDICTIONS_FILE, Interpretation
 from tftransfer.precision import dtype_policy_scope
@@ -143,8 +143,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
     with timings.stage("build"):
         task, image_size, task_settings, check_data = declare(config)
         with workers.strategy.scope():
-            backbone = load_backbone(config.network, config.weights, image_size,
-                                     config.alpha)
+            backbone = build_backbone(config, image_size)
     with timings.stage("scan"):
         folder, report = scan(config)
     check_data(folder, report)
@@ -185,7 +184,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         return RunResult(model, history, {**summary, **task.summary(engine)},
                          run_folder.root)
     if workers.strategy is not tf.distribute.get_strategy():
-        model = plain_copy(model, config.network, image_size, config.alpha,
+        model = plain_copy(model, build_backbone(config, image_size, weights=None),
                            config.dropout)
     with timings.stage("evaluate"):
         metrics, interpretation = _evaluate(model, engine, everything, history)

@@ -245,19 +245,82 @@ class RunConfig:
         if self.tflite is not None:
             check_choice("tflite", self.tflite, QUANTIZATIONS)
         check_folder_options(self.data_dir, self.validation_split)
-        spec = get_backbone_spec(self.network)
-        setattr(self, self.backbone_field, spec.name)
         if self.image_size is not None:
             _check_int("image_size", self.image_size, minimum=1)
-        check_backbone_options(spec, self.image_size, self.alpha, self.weights)
-        if self.fine_tune_layers is not None:
-            _check_fine_tune_layers(self.fine_tune_layers, spec, self.alpha)
+        if is_fusion(self.network):
+            self._check_fusion()
+        else:
+            self._take_member_options()
+            spec = get_backbone_spec(self.network)
+            setattr(self, self.backbone_field, spec.name)
+            check_backbone_options(spec, self.image_size, self.alpha, self.weights)
+            if self.fine_tune_layers is not None:
+                _check_fine_tune_layers(self.fine_tune_layers, spec, self.alpha)
         if self.output is None:
             data_name = os.path.basename(os.path.normpath(self.data_dir)) or "data"
             self.output = os.path.join("saved_models",
                                        f"{data_name}-{self.default_output_name()}")
 
+    def _take_member_options(self) -> None:
+        """`--backbone NAME:alpha=A:size=N:weights=W` (a fusion member's form)
+        for one backbone: the options become `alpha`, `image_size` and
+        `weights`, unless those are set otherwise."""
+        from tftransfer.fusion import split_member
+
+        name, options = split_member(self.network)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, field in (("alpha", "alpha"), ("size", "image_size"),
+                           ("weights", "weights")):
+            if key not in options:
+                continue
+            current = getattr(self, field)
+            if current not in (defaults[field], options[key]):
+                raise ValueError(
+                    f"`{self.backbone_field}` says {key}={options[key]} but "
+                    f"`{field}` is {current!r}: give it once. Received: "
+                    f"{self.backbone_field}={self.network!r}")
+            setattr(self, field, options[key])
+        setattr(self, self.backbone_field, name)
+
+    def _check_fusion(self) -> None:
+        """Checks a `--backbone a,b` fusion and writes it in canonical form
+        (every member's size explicit), which is what a resume compares."""
+        from tftransfer.backbones import check_backbone_options, get_backbone_spec
+        from tftransfer.fusion import format_backbones, parse_backbones
+
+        if self.backbone_field != "backbone":
+            raise ValueError(f"A {self.backbone_field} is one backbone: distil into "
+                             f"one (fuse the teacher instead). Received: "
+                             f"{self.backbone_field}={self.network!r}")
+        if self.alpha is not None:
+            raise ValueError("`alpha` applies to one backbone; give each fused "
+                             "member its own: NAME:alpha=A. "
+                             f"Received: alpha={self.alpha}")
+        if self.lr_decay != 1:
+            raise ValueError("`lr_decay` applies to one backbone, not a fusion. "
+                             f"Received: lr_decay={self.lr_decay}")
+        members = parse_backbones(self.network, self.image_size)
+        shared = [m.name for m in members if m.weights is None]
+        if (shared and self.weights not in ("imagenet", None)
+                and str(self.weights).lower() != "none"):
+            raise ValueError(
+                "A weights file fits one network: give it to its member, "
+                "NAME:weights=PATH. Received: weights="
+                f"{self.weights!r} for {', '.join(shared)}")
+        for member in members:
+            spec = get_backbone_spec(member.name)
+            check_backbone_options(spec, member.image_size, member.alpha,
+                                   member.weights or self.weights)
+            if self.fine_tune_layers is not None:
+                _check_fine_tune_layers(self.fine_tune_layers, spec, member.alpha)
+        setattr(self, self.backbone_field, format_backbones(members))
+
     def default_output_name(self) -> str:
+        if is_fusion(self.network):
+            from tftransfer.fusion import parse_backbones
+
+            return "+".join(safe_name(member.name)
+                            for member in parse_backbones(self.network))
         return safe_name(self.network)
 
     def resume_settings(self) -> dict:
@@ -291,6 +354,12 @@ def _check_fine_tune_layers(value, spec, alpha) -> None:
             f"`fine_tune_layers` must be at most {available}, the layers of "
             f"{spec.name}. Received: fine_tune_layers={value}"
         )
+
+
+def is_fusion(backbone) -> bool:
+    """Whether a `--backbone` value names several members (holds a comma):
+    a feature fusion (`tftransfer.fusion`)."""
+    return isinstance(backbone, str) and "," in backbone
 
 
 def safe_name(name: str) -> str:
@@ -338,7 +407,8 @@ class TrainConfig(RunConfig):
 
     backbone: str = setting(
         "mobilenet_v2", "a registered backbone (see `tftransfer backbones`) or "
-        "hub:HANDLE", metavar="NAME")
+        "hub:HANDLE; several, comma-separated, fuse their features: "
+        "NAME[:alpha=A][:size=N][:weights=W],NAME...", metavar="NAME")
     augment: bool = setting(
         False, "random flips, rotations and zooms while training (no feature cache)")
     class_weight: Optional[str] = setting(
@@ -350,7 +420,11 @@ class TrainConfig(RunConfig):
         super().check()
         from tftransfer.backbones import get_backbone_spec
 
-        if self.image_size is None:
+        if self.image_size is None and is_fusion(self.backbone):
+            from tftransfer.fusion import fusion_image_size, parse_backbones
+
+            self.image_size = fusion_image_size(parse_backbones(self.backbone))
+        elif self.image_size is None:
             self.image_size = get_backbone_spec(self.backbone).default_image_size
         if self.class_weight not in (None, "auto"):
             raise ValueError("`class_weight` must be 'auto' or None. "
