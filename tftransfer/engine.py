@@ -252,10 +252,8 @@ class Engine:
                 caches = self.activation_caches()
                 features, _ = self.outputs(pair, [cache, caches[split]], split,
                                            ("forward", "activations"), keep=(True, False))
-            elif self.members:
-                features = self.fused_features(split)
             else:
-                features = self.outputs(self.backbone, cache, split, "forward")
+                features = self.frozen_features(split)
             if split == "validation":  # For the run's final predictions.
                 self.features[split] = features
             kept += features.nbytes
@@ -270,6 +268,15 @@ class Engine:
         self.say_cache("Features", "forward",
                        cache if self.members is None else self.member_caches()[0])
         return self.head, datasets["train"], datasets["validation"]
+
+    def frozen_features(self, split: str, stage: str = "forward") -> np.ndarray:
+        """The head's inputs for a split's images: the frozen backbone's
+        features through the cache (a fusion's members' joined), counted
+        under `stage`."""
+        if self.members:
+            return self.fused_features(split, stage)
+        return self.outputs(self.backbone, self.open_cache(self.backbone), split,
+                            stage)
 
     def member_caches(self) -> list:
         """Each fusion member's feature cache, under the key a single run of
@@ -293,7 +300,7 @@ class Engine:
         """Whether the examples are files, decoded at any size asked."""
         return hasattr(self.examples, "image_size")
 
-    def fused_features(self, split: str) -> np.ndarray:
+    def fused_features(self, split: str, stage: str = "forward") -> np.ndarray:
         """A fusion's features of a split: each member's (computed once per
         image, through its cache), joined by the backbone's `fusion` layer.
 
@@ -310,7 +317,7 @@ class Engine:
                 options["image_size"] = int(member.input_shape[1])
             else:
                 network = member_path(self.backbone, index)
-            parts.append(self.outputs(network, cache, split, "forward", **options))
+            parts.append(self.outputs(network, cache, split, stage, **options))
         fusion = self.backbone.get_layer(FUSION_LAYER)
         return np.asarray(keras.ops.convert_to_numpy(fusion(parts, training=False)),
                           "float32")

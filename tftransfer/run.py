@@ -287,7 +287,16 @@ def _evaluate(model, engine, everything: FolderExamples, history) -> tuple:
         scores = interpretation.metrics()
         metrics.update(val_accuracy=scores["accuracy"], val_loss=scores["loss"])
     if everything.folder.used("test"):
-        loss, accuracy = evaluate_classifier(model, everything.images("test"))
+        batches = everything.images("test")
+        if engine.schedule.fine_tune_epochs == 0 and engine.workers.count == 1:
+            # The backbone never changed: its features of the test images
+            # come through the cache, as the other splits' did.
+            features = engine.frozen_features("test", stage="test")
+            labels = everything.labels("test")
+            batches = [(features[i:i + 256], labels[i:i + 256])
+                       for i in range(0, len(labels), 256)]
+        loss, accuracy = evaluate_classifier(
+            engine.head if isinstance(batches, list) else model, batches)
         metrics.update({"test_accuracy": accuracy, "test_loss": loss})
     return metrics, interpretation
 
@@ -360,6 +369,7 @@ def _engine_summary(engine: Engine, workers: Workers, model, state, schedule) ->
         "resumed_from_epoch": state["epoch"] if state else None,
         "feature_cache": engine.cache_dir,
         "features": engine.stats.get("forward") or None,
+        "test_features": engine.stats.get("test") or None,
         "fine_tune_activations": (engine.stats.get("activations")
                                   if engine.from_activations else None),
     }
