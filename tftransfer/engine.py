@@ -240,7 +240,7 @@ class Engine:
         if schedule.augment:  # New random views every epoch: no features to keep.
             return (self.model, self.images("train", shuffle=True),
                     self.images("validation"))
-        cache = None if self.members else self.open_cache(self.backbone)
+        cache = None if self.members else self.backbone_cache()
         # Fine-tuning to come: the same pass yields the activations at the cut.
         pair = self.pair_network() if schedule.fine_tune_epochs else None
         self.say("Computing backbone features"
@@ -275,8 +275,14 @@ class Engine:
         under `stage`."""
         if self.members:
             return self.fused_features(split, stage)
-        return self.outputs(self.backbone, self.open_cache(self.backbone), split,
-                            stage)
+        return self.outputs(self.backbone, self.backbone_cache(), split, stage)
+
+    def backbone_cache(self):
+        """The backbone's feature cache, opened once (its key hashes every
+        weight of the backbone)."""
+        if not hasattr(self, "_backbone_cache"):
+            self._backbone_cache = self.open_cache(self.backbone)
+        return self._backbone_cache
 
     def member_caches(self) -> list:
         """Each fusion member's feature cache, under the key a single run of

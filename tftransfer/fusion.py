@@ -34,7 +34,7 @@ from tftransfer.backbones import (
     get_backbone_spec,
     load_backbone,
 )
-from tftransfer.settings import is_fusion
+from tftransfer.settings import is_fusion, safe_name
 
 MEMBER_KEYS = ("alpha", "size", "weights")
 FUSION_LAYER = "fusion"
@@ -152,8 +152,9 @@ def format_backbones(members: Sequence[Member]) -> str:
 
 
 def fusion_name(members: Sequence[Member]) -> str:
-    """A short name for run folders: the members' names joined by `+`."""
-    return "+".join(member.name for member in members)
+    """A short name for run folders: the members' folder-safe names joined
+    by `+`."""
+    return "+".join(safe_name(member.name) for member in members)
 
 
 def fusion_image_size(members: Sequence[Member]) -> int:

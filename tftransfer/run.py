@@ -287,16 +287,15 @@ def _evaluate(model, engine, everything: FolderExamples, history) -> tuple:
         scores = interpretation.metrics()
         metrics.update(val_accuracy=scores["accuracy"], val_loss=scores["loss"])
     if everything.folder.used("test"):
-        batches = everything.images("test")
+        scorer, batches = model, everything.images("test")
         if engine.schedule.fine_tune_epochs == 0 and engine.workers.count == 1:
             # The backbone never changed: its features of the test images
             # come through the cache, as the other splits' did.
             features = engine.frozen_features("test", stage="test")
             labels = everything.labels("test")
-            batches = [(features[i:i + 256], labels[i:i + 256])
-                       for i in range(0, len(labels), 256)]
-        loss, accuracy = evaluate_classifier(
-            engine.head if isinstance(batches, list) else model, batches)
+            scorer, batches = engine.head, [(features[i:i + 256], labels[i:i + 256])
+                                            for i in range(0, len(labels), 256)]
+        loss, accuracy = evaluate_classifier(scorer, batches)
         metrics.update({"test_accuracy": accuracy, "test_loss": loss})
     return metrics, interpretation
 

@@ -317,10 +317,9 @@ class RunConfig:
 
     def default_output_name(self) -> str:
         if is_fusion(self.network):
-            from tftransfer.fusion import parse_backbones
+            from tftransfer.fusion import fusion_name, parse_backbones
 
-            return "+".join(safe_name(member.name)
-                            for member in parse_backbones(self.network))
+            return fusion_name(parse_backbones(self.network))
         return safe_name(self.network)
 
     def resume_settings(self) -> dict:
