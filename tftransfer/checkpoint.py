@@ -28,7 +28,9 @@ CHECKPOINT_FILE = "checkpoint.npz"
 # A checkpoint from before `fine_tune_warmup` existed resumes under any
 # warm-up (`None`): it only shapes fine-tuning steps not yet taken, and a run
 # checkpointed mid-fine-tuning has taken its first steps already.
-ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": None}
+# Settings added since runs were first written, and what they were before.
+ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": None, "cut": None,
+                  "cut_tolerance": 0.01, "cut_layer": None}
 
 
 class RunCheckpoint:

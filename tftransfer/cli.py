@@ -92,6 +92,20 @@ def _add_run_commands(commands) -> None:
                          help="PNG of the loss against the rate (default: "
                          "lr_find-PHASE.png)")
     _add_json(lr_find)
+    probe = commands.add_parser(
+        "probe",
+        help="find how deep the backbone needs to be: a linear head at each block",
+        description="Run the backbone once over DATA_DIR's training and "
+        "validation images with an output at each block (where its graph can be "
+        "cut at one tensor), train a linear head on each block's pooled "
+        "features, and print the layers, parameters, multiply-adds and latency "
+        "kept at each cut with its validation accuracy. The features go through "
+        "the cache, so `train --cut LAYER` or `--cut auto` after it computes "
+        "none. No run folder is written.")
+    add_arguments(probe, TrainConfig)
+    probe.add_argument("--table", metavar="FILE", default="probe.csv",
+                       help="CSV of the table (default: probe.csv)")
+    _add_json(probe)
 
 
 def _add_model_commands(commands) -> None:
@@ -254,6 +268,22 @@ def _lr_find(args):
              f"{', stopped as the loss diverged' if record['stopped_early'] else ''})"]
     if record["plot"]:
         lines.append(f"plot: {record['plot']}")
+    return record, lines
+
+
+def _probe(args):
+    from tftransfer.probe_run import probe_folder, table_lines, write_table
+    from tftransfer.settings import TrainConfig, from_arguments
+
+    config = _config(from_arguments, TrainConfig, args)
+    try:
+        record = probe_folder(config)
+    except ValueError as error:
+        raise SettingError(str(error)) from error
+    record["table"] = write_table(args.table, record["cuts"])
+    lines = table_lines(record) + [
+        f"--cut auto takes {record['cut']} (within {config.cut_tolerance} of the "
+        f"best, {record['best']}); table: {record['table']}"]
     return record, lines
 
 
@@ -459,6 +489,7 @@ COMMANDS = {
     "train": _train,
     "distill": _distill,
     "lr-find": _lr_find,
+    "probe": _probe,
     "evaluate": _evaluate,
     "report": _report,
     "predict": _predict,

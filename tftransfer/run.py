@@ -29,6 +29,9 @@ from tftransfer.fusion import build_backbone
 from tftransfer.heads import build_classifier, evaluate_classifier, plain_copy
 from tftransfer.interpretation import PREDICTIONS_FILE, Interpretation
 from tftransfer.precision import dtype_policy_scope
+from tftransfer.probe import truncate
+from tftransfer.probe_run import PROBE_FILE, check_cut_layer, cut_backbone
+from tftransfer.probe_run import summary_of as cut_summary
 from tftransfer.report import REPORT_FOLDER
 from tftransfer.run_folder import RunFolder
 from tftransfer.settings import MAX_SERVING_PIXELS, RunConfig, TrainConfig
@@ -144,20 +147,28 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         task, image_size, task_settings, check_data = declare(config)
         with workers.strategy.scope():
             backbone = build_backbone(config, image_size)
+        check_cut_layer(config, backbone)
     with timings.stage("scan"):
         folder, report = scan(config)
     check_data(folder, report)
+    with timings.stage("probe"):
+        backbone, probe = cut_backbone(config, backbone, folder, run_folder)
     everything = FolderExamples(folder, image_size, config.batch_size, config.seed,
                                 memory_budget=0)
     settings = {**config.resume_settings(), "data": everything.fingerprint(),
                 **task_settings}
+    if probe is not None:
+        settings["cut_layer"] = probe["cut"]
     state = run_folder.resume_state(settings, workers, policy)
     with timings.stage("build"), workers.strategy.scope():
         model = build_classifier(backbone, len(folder.class_names), config.dropout)
     weights = config.weights if config.weights is not None else "none (random)"
-    say(config, f"Backbone {config.network} ({backbone.count_params():,} parameters), "
+    cut = f" cut after {probe['cut']}" if probe else ""
+    say(config, f"Backbone {config.network}{cut} ({backbone.count_params():,} parameters), "
                 f"weights: {weights}, image size {image_size}")
     run_folder.prepare(state, report)
+    if probe is not None and workers.is_chief:
+        run_folder.write_json(PROBE_FILE, probe)
     if state is not None:
         where = run_folder.checkpoint.path if workers.is_chief else "the chief's checkpoint"
         say(config, f"Resuming from epoch {state['epoch']} ({where})")
@@ -184,8 +195,10 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         return RunResult(model, history, {**summary, **task.summary(engine)},
                          run_folder.root)
     if workers.strategy is not tf.distribute.get_strategy():
-        model = plain_copy(model, build_backbone(config, image_size, weights=None),
-                           config.dropout)
+        copy = build_backbone(config, image_size, weights=None)
+        if probe is not None:
+            copy = truncate(copy, probe["cut"])
+        model = plain_copy(model, copy, config.dropout)
     with timings.stage("evaluate"):
         metrics, interpretation = _evaluate(model, engine, everything, history)
     engine.close()
@@ -203,6 +216,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         "serving_max_pixels": config.serving_max_pixels,
         "model": run_folder.file("model.keras"),
         **_settings_summary(config, image_size, schedule),
+        "cut": cut_summary(probe),
         **_engine_summary(engine, workers, model, state, schedule),
         **_rates_summary(engine),
         "class_weight": class_weight,

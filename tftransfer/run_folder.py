@@ -287,15 +287,22 @@ class RunFolder:
 
     def found_rates(self) -> dict:
         """What the learning-rate finder found for this run, per phase."""
-        path = self.file(FOUND_RATES)
-        if not os.path.exists(path):
-            return {}
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return self.read_json(FOUND_RATES) or {}
 
     def save_found_rates(self, found: dict) -> None:
         """Keeps the finder's results, so that a resumed run uses the same rates."""
-        write_json_atomically(self.file(FOUND_RATES), found)
+        self.write_json(FOUND_RATES, found)
+
+    def read_json(self, name: str) -> Optional[dict]:
+        """A JSON file of the run folder (`probe.json`), or `None`."""
+        path = self.file(name)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    def write_json(self, name: str, value: dict) -> None:
+        write_json_atomically(self.file(name), value)
 
     def history(self) -> dict:
         """The finished epochs' metrics (see `read_history`)."""

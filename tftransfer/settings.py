@@ -31,6 +31,8 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 CALIBRATION_IMAGES = 200
 MAX_ACCURACY_DROP = 0.02
+# `--cut auto`: the validation accuracy a shallower cut may lose.
+CUT_TOLERANCE = 0.01
 # The exported signatures refuse an image whose header declares more pixels
 # (tftransfer.image_headers): above any camera's frame (24 MP is 6000x4000),
 # and a few hundred MB at most for the decoder.
@@ -414,10 +416,20 @@ class TrainConfig(RunConfig):
         None, "auto: weigh each class's loss by the inverse of its share of the "
         "training images; none: equal", choices=["auto", None],
         cli_type=_class_weight, metavar="auto|none")
+    cut: Optional[str] = setting(
+        None, "cut the backbone after this layer (a block output: `tftransfer "
+        "probe` lists them) and train, fine-tune and export only the layers "
+        "kept; auto: probe every block output with a linear head and take the "
+        "shallowest within --cut-tolerance of the best", metavar="auto|LAYER")
+    cut_tolerance: float = setting(
+        CUT_TOLERANCE, "--cut auto: validation accuracy a shallower cut may lose "
+        "against the best cut", metavar="F", cli_type=float)
 
     def check(self) -> None:
         super().check()
         from tftransfer.backbones import get_backbone_spec
+
+        self._check_cut()
 
         if self.image_size is None and is_fusion(self.backbone):
             from tftransfer.fusion import fusion_image_size, parse_backbones
@@ -428,6 +440,27 @@ class TrainConfig(RunConfig):
         if self.class_weight not in (None, "auto"):
             raise ValueError("`class_weight` must be 'auto' or None. "
                              f"Received: class_weight={self.class_weight!r}")
+
+
+    def _check_cut(self) -> None:
+        if (isinstance(self.cut_tolerance, bool)
+                or not isinstance(self.cut_tolerance, (int, float))
+                or not 0 <= self.cut_tolerance < 1):
+            raise ValueError("`cut_tolerance` must be a number in [0, 1). "
+                             f"Received: cut_tolerance={self.cut_tolerance!r}")
+        if self.cut is None:
+            return
+        if not isinstance(self.cut, str) or not self.cut.strip():
+            raise ValueError("`cut` must be \"auto\" or a layer name. "
+                             f"Received: cut={self.cut!r}")
+        if is_fusion(self.backbone):
+            raise ValueError("A fusion of several backbones has no single depth to "
+                             "cut: probe and cut each member on its own. "
+                             f"Received: cut={self.cut!r}, backbone={self.backbone!r}")
+        if self.backbone.startswith("hub:"):
+            raise ValueError("A TF-Hub or SavedModel backbone is one opaque layer, "
+                             "with no block outputs to cut at: use a registered "
+                             f"backbone. Received: cut={self.cut!r}")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,418 @@
+"""Where to cut a backbone: a linear probe at each of its blocks' outputs.
+
+A frozen backbone is often deeper than a task needs: for images far from
+ImageNet, intermediate layers transfer as well as the last or better
+(Kornblith et al. 2019; Head2Toe, Evci et al. 2022), and every layer after the
+best cut is paid for on every served image. `probe_cuts` runs the backbone once
+over the images with an output at each candidate cut (`cut_points`: block
+outputs where the graph crosses at one tensor), pools each, trains a linear
+head on each cut's features (all heads in one Keras model, one `fit`), and
+measures what the network kept up to each cut costs. `truncate` then cuts the
+backbone there: a `load_backbone`-shaped model holding only the layers kept.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.graph import backbone_network
+
+
+def _network(backbone: keras.Model) -> keras.Model:
+    """The Keras Applications network of a `load_backbone` model, refusing
+    what cannot be cut (a hub module, a fusion)."""
+    if not any(isinstance(layer, keras.Model) for layer in backbone.layers):
+        if backbone.layers and isinstance(backbone.layers[-1],
+                                          keras.layers.GlobalAveragePooling2D):
+            return backbone  # A bare Keras Applications network.
+        raise ValueError(
+            "Cutting needs a backbone whose layers can be seen: a Keras "
+            "Applications backbone from `load_backbone`. A TF-Hub or SavedModel "
+            f"module is one opaque layer. Received: a model named {backbone.name!r}")
+    if sum(isinstance(layer, keras.Model) for layer in backbone.layers) > 1:
+        raise ValueError("A fusion of several backbones has no single depth to "
+                         "cut: probe and cut each member on its own.")
+    return backbone_network(backbone)
+
+
+# Layers that finish the tensor below them: cutting before one would pool a
+# half-computed block (`Conv_1_bn` before `out_relu`).
+_FINISHING = (keras.layers.BatchNormalization, keras.layers.Activation,
+              keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.PReLU,
+              keras.layers.ELU, keras.layers.Softmax)
+
+
+def _block_key(name: str) -> tuple:
+    """The block a layer belongs to, from the numbers Keras Applications put in
+    layer names: `conv_pw_3_relu` is in block (3,), `conv4_block2_1_conv` in
+    (4, 2) (a third number counts layers inside a block)."""
+    numbers = re.findall(r"\d+", name)
+    return tuple(numbers[:2]) if len(numbers) >= 3 else tuple(numbers)
+
+
+def _single_tensor_cuts(network: keras.Model) -> list:
+    """Indices `i` of the layers after which exactly one tensor, the output of
+    layer `i`, crosses to the layers above: the graph can be cut there."""
+    layers = network.layers
+    producer, last_use = {}, {}
+    for index, layer in enumerate(layers):
+        for tensor in keras.tree.flatten(layer.output):
+            producer[id(tensor)] = index
+    for index, layer in enumerate(layers[1:], start=1):
+        for tensor in keras.tree.flatten(layer.input):
+            last_use[id(tensor)] = max(last_use.get(id(tensor), 0), index)
+    crossing = np.zeros(len(layers) + 1, "int64")  # Live tensors after layer i.
+    for key, made in producer.items():
+        used = last_use.get(key, made)
+        if used > made:
+            crossing[made] += 1
+            crossing[used] -= 1
+    crossing = np.cumsum(crossing)
+    cuts = []
+    for index, layer in enumerate(layers[:-1]):
+        outputs = keras.tree.flatten(layer.output)
+        if (crossing[index] == 1 and len(outputs) == 1
+                and last_use.get(id(outputs[0]), index) > index):
+            cuts.append(index)
+    return cuts
+
+
+def cut_points(backbone: keras.Model) -> list:
+    """The layers a backbone can be cut after: its blocks' outputs.
+
+    A cut point is a layer whose output is the only tensor its graph passes to
+    the layers above (a residual block is never cut in its middle), at the end
+    of a block as the network's layer names number them, with feature maps
+    (height, width, channels) to pool. The last is the network's final
+    feature map: cutting there keeps the whole network.
+
+    Args:
+        backbone: A model from `load_backbone`, or a Keras Applications
+            network built with `pooling="avg"`.
+
+    Returns:
+        Layer names of the network, from the input up.
+
+    Raises:
+        ValueError: a hub module or a fusion, which cannot be cut.
+
+    Example:
+
+    >>> from tftransfer.backbones import load_backbone
+    >>> backbone = load_backbone("vgg16", weights=None, image_size=32)
+    >>> cut_points(backbone)[:3]
+    ['block1_conv1', 'block1_conv2', 'block1_pool']
+    >>> cut_points(backbone)[-1]
+    'block5_pool'
+    """
+    network = _network(backbone)
+    layers = network.layers
+    final = keras.tree.flatten(layers[-1].input)[0]
+    weighted = False
+    names = []
+    for index in _single_tensor_cuts(network):
+        layer, above = layers[index], layers[index + 1]
+        weighted = weighted or any(layer_.weights for layer_ in layers[:index + 1])
+        output = keras.tree.flatten(layer.output)[0]
+        if output is final:
+            names.append(layer.name)
+            continue
+        if (weighted and len(output.shape) == 4
+                and not isinstance(above, _FINISHING)
+                and _block_key(layer.name) != _block_key(above.name)):
+            names.append(layer.name)
+    return names
+
+
+def _check_layer(backbone: keras.Model, layer: str) -> list:
+    points = cut_points(backbone)
+    if layer not in points:
+        raise ValueError(
+            f"`cut` must be one of the network's cut points (`tftransfer probe` "
+            f"lists them with their accuracy) or \"auto\": {', '.join(points)}. "
+            f"Received: cut={layer!r}")
+    return points
+
+
+def truncate(backbone: keras.Model, layer: str) -> keras.Model:
+    """The backbone cut after `layer`: the layers above it are gone.
+
+    The kept layers (and their weights) are the backbone's own, pooled as the
+    backbone pooled its last feature map, so the result is a `load_backbone`
+    model in every way (a head built on it trains, fine-tunes and exports),
+    only shallower. Cutting at the last cut point keeps the whole network and
+    returns `backbone` itself.
+
+    Args:
+        backbone: A model from `load_backbone`.
+        layer: One of `cut_points(backbone)`.
+
+    Returns:
+        A `keras.Model` named as `backbone`, whose nested network is named
+        `<network>_to_<layer>`.
+
+    Raises:
+        ValueError: `layer` is not a cut point (the message lists them), or the
+            backbone cannot be cut.
+
+    Example:
+
+    >>> from tftransfer.backbones import load_backbone
+    >>> backbone = load_backbone("mobilenet", weights=None, image_size=32,
+    ...                          alpha=0.25)
+    >>> short = truncate(backbone, "conv_pw_5_relu")
+    >>> short.output_shape, backbone.output_shape
+    ((None, 64), (None, 256))
+    >>> len(backbone_network(short).layers) < len(backbone_network(backbone).layers)
+    True
+    >>> truncate(backbone, "conv_pw_13_relu") is backbone
+    True
+    """
+    points = _check_layer(backbone, layer)
+    if layer == points[-1]:
+        return backbone
+    network = _network(backbone)
+    pooling = network.layers[-1]
+    tensor = network.get_layer(layer).output
+    pooled = type(pooling).from_config(pooling.get_config())(tensor)
+    kept = keras.Model(network.inputs[0], pooled, name=f"{network.name}_to_{layer}")
+    return _wrap(backbone, network, kept, backbone.name)
+
+
+def _wrap(backbone, network, replacement, name) -> keras.Model:
+    """`backbone` with its nested `network` replaced (its other layers, the
+    preprocessing, are shared)."""
+    if backbone is network:
+        return replacement
+    inputs = keras.Input(backbone.inputs[0].shape[1:], name="pixels")
+    x = inputs
+    for layer in backbone.layers[1:]:
+        x = replacement(x) if layer is network else layer(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def probe_network(backbone: keras.Model, layers: list) -> keras.Model:
+    """One model with the backbone's pooled features at each of `layers`:
+    one forward pass serves every cut."""
+    network = _network(backbone)
+    pooling = network.layers[-1]
+    outputs = []
+    for name in layers:
+        tensor = network.get_layer(name).output
+        if tensor is keras.tree.flatten(pooling.input)[0]:
+            outputs.append(network.outputs[0])
+        else:
+            outputs.append(type(pooling).from_config(
+                {**pooling.get_config(), "name": f"probe_pool_{len(outputs)}"})(tensor))
+    probes = keras.Model(network.inputs[0], outputs, name=f"{network.name}_probes")
+    return _wrap(backbone, network, probes, "probes")
+
+
+def multiply_adds(network: keras.Model) -> int:
+    """Multiply-adds of one image through `network`'s convolutions and dense
+    layers (batch normalisation folds into them when served)."""
+    total = 0
+    for layer in _all_layers(network):
+        if not layer.weights:
+            continue
+        output = layer.output.shape
+        spatial = int(np.prod(output[1:-1])) if len(output) > 2 else 1
+        kernel = layer.weights[0].shape
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            total += spatial * int(np.prod(kernel))
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            total += spatial * (int(np.prod(kernel))
+                                + int(np.prod(layer.weights[1].shape)))
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            total += spatial * int(np.prod(kernel))
+    return total
+
+
+def _all_layers(model: keras.Model) -> list:
+    layers = []
+    for layer in model.layers:
+        layers.extend(_all_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return layers
+
+
+def measure_latency(model: keras.Model, repeats: int = 10) -> float:
+    """Median milliseconds of one image through `model` (compiled, after two
+    warm-up calls): what a served image costs on this machine."""
+    pixels = tf.random.stateless_uniform((1, *model.input_shape[1:]), (0, 0),
+                                         maxval=255.0)
+    forward = tf.function(lambda x: model(x, training=False), autograph=False)
+    for _ in range(2):
+        forward(pixels)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        keras.ops.convert_to_numpy(forward(pixels))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def fit_linear_probes(train: list, train_labels, validation: list, validation_labels,
+                      num_classes: int, epochs: int = 50, batch_size: int = 256,
+                      learning_rate: float = 3e-3, seed: int = 0) -> list:
+    """Validation accuracy of a linear head on each cut's features.
+
+    Features are standardised with the training split's mean and deviation
+    (early layers' scales differ by orders of magnitude). Every head is a
+    softmax regression on its own loss, and all of them step together in one
+    compiled function: Keras' `fit` on a model with a head per cut spent
+    seconds setting up its 13 losses and metrics for 245 images.
+
+    Returns:
+        One validation accuracy per cut, after the last epoch.
+    """
+    means = [x.mean(0) for x in train]
+    scales = [x.std(0) + 1e-6 for x in train]
+    train = [((x - m) / s).astype("float32") for x, m, s in zip(train, means, scales)]
+    validation = [((x - m) / s).astype("float32")
+                  for x, m, s in zip(validation, means, scales)]
+    rng = np.random.default_rng(seed)
+    kernels = [tf.Variable(rng.normal(0, 0.01, (x.shape[1], num_classes))
+                           .astype("float32")) for x in train]
+    biases = [tf.Variable(tf.zeros(num_classes)) for _ in train]
+    variables = kernels + biases
+    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(variables)
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def step(inputs, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels, tf.matmul(x, kernel) + bias))
+                for x, kernel, bias in zip(inputs, kernels, biases)])
+        optimizer.apply(tape.gradient(loss, variables), variables)
+
+    labels = np.asarray(train_labels, "int32")
+    for _ in range(epochs):
+        order = rng.permutation(len(labels))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            step([x[batch] for x in train], labels[batch])
+    return [float(np.mean(np.argmax(x @ kernel.numpy() + bias.numpy(), -1)
+                          == validation_labels))
+            for x, kernel, bias in zip(validation, kernels, biases)]
+
+
+def choose_cut(cuts: list, tolerance: float = 0.01) -> dict:
+    """The shallowest cut whose validation accuracy is within `tolerance` of the
+    best cut's: what `train --cut auto` takes.
+
+    Args:
+        cuts: `probe_cuts`' list, from the input up.
+        tolerance: Validation accuracy the cut may lose against the best.
+            Defaults to `0.01`.
+
+    Returns:
+        One of `cuts`.
+
+    Example:
+
+    >>> cuts = [{"layer": "a", "val_accuracy": 0.70},
+    ...         {"layer": "b", "val_accuracy": 0.895},
+    ...         {"layer": "c", "val_accuracy": 0.90}]
+    >>> choose_cut(cuts)["layer"], choose_cut(cuts, tolerance=0.0)["layer"]
+    ('b', 'c')
+    """
+    best = max(cut["val_accuracy"] for cut in cuts)
+    return next(cut for cut in cuts if cut["val_accuracy"] >= best - tolerance)
+
+
+def probe_examples(backbone: keras.Model, examples, cache_for: Optional[Callable] = None,
+                   epochs: int = 50, seed: int = 0, latency: bool = True,
+                   jit_compile: bool = False, verbose=0) -> list:
+    """`probe_cuts` on `tftransfer.examples` (`FolderExamples` or
+    `DatasetExamples`), each cut's features going through the cache
+    `cache_for(truncated_backbone)` returns (or `None`).
+
+    Returns:
+        `(cuts, stats)`: `probe_cuts`' list, and per split the `CacheStats`
+        of the pass as a dict.
+    """
+    layers = cut_points(backbone)
+    networks = [truncate(backbone, layer) for layer in layers]
+    caches = [cache_for(network) if cache_for else None for network in networks]
+    probes = probe_network(backbone, layers)
+    features, stats = {}, {}
+    for split in ("train", "validation"):
+        features[split], counted = examples.outputs(
+            probes, caches, split, keep=[True] * len(layers),
+            jit_compile=jit_compile, verbose=verbose)
+        stats[split] = counted[0]._asdict()
+    num_classes = int(max(examples.labels("train").max(),
+                          examples.labels("validation").max())) + 1
+    accuracies = fit_linear_probes(
+        list(features["train"]), examples.labels("train"),
+        list(features["validation"]), examples.labels("validation"),
+        num_classes, epochs=epochs, seed=seed)
+    cuts = []
+    for layer, network, accuracy in zip(layers, networks, accuracies):
+        inner = backbone_network(network) if network is not _network(network) else network
+        cuts.append({
+            "layer": layer,
+            "layers": len(inner.layers),
+            "params": int(network.count_params()),
+            "madds": multiply_adds(network),
+            "latency_ms": round(measure_latency(network), 3) if latency else None,
+            "val_accuracy": accuracy,
+        })
+    return cuts, stats
+
+
+def probe_cuts(backbone: keras.Model, train: tf.data.Dataset,
+               validation: tf.data.Dataset, epochs: int = 50, seed: int = 0,
+               latency: bool = True) -> list:
+    """How well a linear head does on the features at each cut of a backbone.
+
+    The backbone runs once over the images, with an output at every cut
+    point; a linear head trains on each cut's pooled features.
+
+    Args:
+        backbone: A model from `load_backbone` (frozen; it is not changed).
+        train: Batches of `(pixels 0..255, integer label)`, as for `fit`,
+            giving the same images each pass.
+        validation: The same, for the accuracy of each head.
+        epochs: Epochs of each linear head. Defaults to `50`.
+        seed: The heads' initialisation and shuffling. Defaults to `0`.
+        latency: Measure each truncated network's latency (batch 1).
+            Defaults to `True`.
+
+    Returns:
+        One dict per cut point, from the input up: `layer`, `layers` (of the
+        network kept, pooling included), `params`, `madds` (multiply-adds per
+        image), `latency_ms` and `val_accuracy`. `choose_cut(cuts, tolerance)`
+        picks the shallowest within `tolerance` of the best; `truncate` cuts.
+
+    Example:
+
+    >>> import numpy as np, tensorflow as tf
+    >>> from tftransfer.backbones import load_backbone
+    >>> backbone = load_backbone("vgg16", weights=None, image_size=32)
+    >>> pixels = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3))
+    >>> labels = np.arange(16) % 2
+    >>> data = tf.data.Dataset.from_tensor_slices(
+    ...     (pixels.astype("float32"), labels)).batch(8)
+    >>> cuts = probe_cuts(backbone, data, data, epochs=2, latency=False)
+    >>> [cut["layer"] for cut in cuts][-2:]
+    ['block5_conv3', 'block5_pool']
+    >>> sorted(cuts[0])
+    ['latency_ms', 'layer', 'layers', 'madds', 'params', 'val_accuracy']
+    >>> cuts[0]["params"] < cuts[-1]["params"]
+    True
+    """
+    from tftransfer.examples import DatasetExamples
+
+    examples = DatasetExamples({"train": train, "validation": validation})
+    return probe_examples(backbone, examples, epochs=epochs, seed=seed,
+                          latency=latency)[0]
