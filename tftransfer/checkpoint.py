@@ -30,7 +30,8 @@ CHECKPOINT_FILE = "checkpoint.npz"
 # checkpointed mid-fine-tuning has taken its first steps already.
 # Settings added since runs were first written, and what they were before.
 ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": None, "cut": None,
-                  "cut_tolerance": 0.01, "cut_layer": None}
+                  "cut_tolerance": 0.01, "cut_layer": None,
+                  "prune_filters": None, "prune": None}
 
 
 class RunCheckpoint:

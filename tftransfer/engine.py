@@ -63,6 +63,9 @@ from tftransfer.train import (
 )
 from tftransfer.workers import Workers
 
+# Training examples the batch normalisation of a pruned top is recalibrated on.
+RECALIBRATION_EXAMPLES = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -89,6 +92,9 @@ class Schedule:
             Defaults to `1.0`: one rate.
         fine_tune_warmup: Fine-tuning's rate rises linearly from 0 over this
             fraction of its first epoch (`linear_warmup`). Defaults to `0.3`.
+        prune: Magnitude pruning of the unfrozen kernels while fine-tuning
+            (`MagnitudePruning`) to this sparsity, or `None`. Defaults to
+            `None`.
 
     `learning_rate` and `fine_tune_learning_rate` may be `"auto"`: the
     learning-rate finder (`lr_find`) runs before the phase, on its cached
@@ -108,6 +114,7 @@ class Schedule:
     verbose: object = "auto"
     lr_decay: float = 1.0
     fine_tune_warmup: float = FINE_TUNE_WARMUP
+    prune: Optional[float] = None
 
     def configured_rate(self, phase: str):
         """`learning_rate` or `fine_tune_learning_rate`: a number or `"auto"`."""
@@ -169,6 +176,12 @@ class Engine:
         if self.members is not None and schedule.lr_decay != 1:
             raise SettingError("--lr-decay applies to one backbone, not a fusion: "
                                "leave it at 1.")
+        if schedule.prune is not None and (
+                isinstance(schedule.prune, bool)
+                or not isinstance(schedule.prune, (int, float))
+                or not 0 < schedule.prune < 1):
+            raise ValueError("`prune` must be a sparsity in (0, 1). "
+                             f"Received: prune={schedule.prune!r}")
         self.examples = examples
         self.schedule = schedule
         self.task = task or ClassifierTask()
@@ -606,6 +619,9 @@ class Engine:
         callbacks = [FiniteLoss(phase, rate if isinstance(rate, float) else None,
                                 "--learning-rate" if phase == "head"
                                 else "--fine-tune-learning-rate")]
+        if phase == "fine_tune" and schedule.prune:
+            # Before the checkpoint: each epoch's checkpoint holds masked weights.
+            callbacks.append(self.pruning_callback(network, train))
         if self.run_folder is not None:
             callbacks.append(HistoryCSV(self.run_folder.history_path, phase))
             if workers.is_chief:  # Only the chief's checkpoint is resumed from.
@@ -631,6 +647,53 @@ class Engine:
         self.timings.add(phase, time.perf_counter() - started)
         self._record(result, phase)
         return result
+
+    def pruning_callback(self, network: keras.Model, train) -> keras.callbacks.Callback:
+        """`--prune`: `MagnitudePruning` of the unfrozen backbone's kernels
+        (not the head's), reaching the sparsity at three quarters of
+        fine-tuning so the last quarter recovers at it. Its schedule follows the
+        optimizer's step count, which a resumed run restores. After each
+        update of the masks, the unfrozen top's batch normalisation takes the
+        statistics of its pruned inputs (`recalibrate_batch_norm`), on up to
+        `RECALIBRATION_EXAMPLES` training examples."""
+        from tftransfer.pruning import (
+            MagnitudePruning,
+            prunable_kernels,
+            recalibrate_batch_norm,
+        )
+
+        steps = self.steps_per_epoch(train)
+        total = steps * self.schedule.fine_tune_epochs
+        top = backbone_network(self.backbone).layers[-self.fine_tune_layers:]
+        norms = [layer for layer in top
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+        # Not the depthwise kernels: 9 weights per channel, under 2% of
+        # MobileNet 0.75's unfrozen weights, and pruning them 80% took a
+        # linear probe on hymenoptera from 0.93 to 0.73 where pruning the
+        # others alone (and recalibrating) kept 0.87.
+        depthwise = {id(layer.kernel) for layer in _layers(self.backbone)
+                     if isinstance(layer, keras.layers.DepthwiseConv2D)}
+        self.pruned_kernels = [kernel for kernel in
+                               prunable_kernels(backbone_network(self.backbone))
+                               if id(kernel) not in depthwise]
+        # As they were, dense: what the pruned files are measured against.
+        self.dense_kernels = [np.array(kernel) for kernel in self.pruned_kernels]
+        batches, count = [], 0
+        for inputs, _ in train:
+            batches.append(inputs)
+            count += len(inputs)
+            if count >= RECALIBRATION_EXAMPLES:
+                break
+        sample = tf.concat(batches, 0)[:RECALIBRATION_EXAMPLES]
+
+        def recalibrate(sparsity):
+            if norms and sparsity > 0:
+                recalibrate_batch_norm(network, sample, norms)
+
+        return MagnitudePruning(self.schedule.prune, begin_step=0,
+                                end_step=max(1, round(0.75 * total)),
+                                frequency=max(1, steps // 4),
+                                kernels=self.pruned_kernels, on_update=recalibrate)
 
     def rate(self, phase: str) -> float:
         """The learning rate of `phase`: the schedule's, or the finder's."""
@@ -734,6 +797,14 @@ class Engine:
             history.setdefault(key, []).extend(float(v) for v in values)
         history.setdefault("phase", []).extend([phase] * epochs)
         self.history.epoch.extend(result.epoch)
+
+
+def _layers(model: keras.Model) -> list:
+    """Every layer of `model`, nested models' included."""
+    found = []
+    for layer in model.layers:
+        found.extend(_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return found
 
 
 def network_identity(backbone: keras.Model) -> tuple:

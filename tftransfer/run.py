@@ -101,7 +101,7 @@ def schedule_of(config: RunConfig) -> Schedule:
         config.seed, config.jit, augment=augment,
         cache_dir=(config.cache_dir or default_cache_dir()) if config.cache else None,
         verbose=config.verbose, lr_decay=config.lr_decay,
-        fine_tune_warmup=config.fine_tune_warmup)
+        fine_tune_warmup=config.fine_tune_warmup, prune=getattr(config, "prune", None))
 
 
 class Declaration(NamedTuple):
@@ -153,6 +153,8 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
     check_data(folder, report)
     with timings.stage("probe"):
         backbone, probe = cut_backbone(config, backbone, folder, run_folder)
+    with timings.stage("build"), workers.strategy.scope():
+        backbone, narrowed = narrow_backbone(config, backbone)
     everything = FolderExamples(folder, image_size, config.batch_size, config.seed,
                                 memory_budget=0)
     settings = {**config.resume_settings(), "data": everything.fingerprint(),
@@ -198,6 +200,8 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         copy = build_backbone(config, image_size, weights=None)
         if probe is not None:
             copy = truncate(copy, probe["cut"])
+        # The same widths whichever filters random weights would keep.
+        copy, _ = narrow_backbone(config, copy, measure=False)
         model = plain_copy(model, copy, config.dropout)
     with timings.stage("evaluate"):
         metrics, interpretation = _evaluate(model, engine, everything, history)
@@ -207,6 +211,8 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
                                              config.serving_max_pixels)
     with timings.stage("tflite"):
         tflite = _write_tflite(config, model, folder, run_folder)
+    with timings.stage("pruning"):
+        pruning = _pruning_summary(engine, model, saved_model, tflite)
     summary = {
         **metrics,
         "seconds": round(time.perf_counter() - start, 2),
@@ -217,6 +223,8 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         "model": run_folder.file("model.keras"),
         **_settings_summary(config, image_size, schedule),
         "cut": cut_summary(probe),
+        "filter_pruning": narrowed,
+        "pruning": pruning,
         **_engine_summary(engine, workers, model, state, schedule),
         **_rates_summary(engine),
         "class_weight": class_weight,
@@ -243,6 +251,73 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
     run_folder.finish(summary)
     engine.compile_for_use(model)
     return RunResult(model, history, summary, run_folder.path)
+
+
+def narrow_backbone(config, backbone: keras.Model, measure: bool = True) -> tuple:
+    """`--prune-filters F`: `(backbone narrowed by prune_filters, record)`,
+    or `(backbone, None)` without it. The record holds each narrowed layer's
+    filters and, with `measure`, the backbone's latency before and after."""
+    fraction = getattr(config, "prune_filters", None)
+    if not fraction:
+        return backbone, None
+    from tftransfer.filter_pruning import prune_filters
+    from tftransfer.probe import measure_latency
+    from tftransfer.train import default_fine_tune_layers
+
+    layers = config.fine_tune_layers or default_fine_tune_layers(backbone)
+    try:
+        narrowed, removed = prune_filters(backbone, fraction, layers)
+    except ValueError as error:
+        from tftransfer.errors import SettingError
+
+        raise SettingError(str(error)) from error
+    record = {"fraction": fraction, "layers": layers, "removed": removed,
+              "params_before": int(backbone.count_params()),
+              "params_after": int(narrowed.count_params())}
+    if measure:
+        record.update(latency_ms_before=round(measure_latency(backbone, 20), 3),
+                      latency_ms_after=round(measure_latency(narrowed, 20), 3))
+        say(config, f"Filters pruned: {record['params_before']:,} to "
+                    f"{record['params_after']:,} backbone parameters, "
+                    f"{record['latency_ms_before']:.1f} to "
+                    f"{record['latency_ms_after']:.1f} ms per image")
+    return narrowed, record
+
+
+def _pruning_summary(engine: Engine, model, saved_model: str,
+                     tflite: Optional[dict]) -> Optional[dict]:
+    """`--prune`: the sparsity reached per kernel and in total, and the
+    gzip-compressed sizes that the zeros shrink: the pruned kernels' (against
+    the same kernels before fine-tuning, dense), the SavedModel's and a
+    `.tflite`'s (the run's, or a float32 one written aside to be measured)."""
+    kernels = getattr(engine, "pruned_kernels", None)
+    if not kernels:
+        return None
+    import gzip
+    import tempfile
+
+    import numpy as np
+
+    from tftransfer.pruning import gzip_size, sparsity_report
+    from tftransfer.tflite import export_tflite
+
+    report = sparsity_report(kernels)
+    pruned = b"".join(np.asarray(kernel).tobytes() for kernel in kernels)
+    dense = b"".join(array.tobytes() for array in engine.dense_kernels)
+    with tempfile.TemporaryDirectory() as folder:
+        path = (tflite or {}).get("path")
+        if not path or not os.path.exists(path):
+            path = export_tflite(model, os.path.join(folder, "model.tflite"))
+        tflite_bytes = gzip_size(path)
+    return {
+        **report,
+        "sparsity_asked": engine.schedule.prune,
+        "pruned_kernels_bytes": len(pruned),
+        "pruned_kernels_gzip_bytes": len(gzip.compress(pruned, 9)),
+        "dense_kernels_gzip_bytes": len(gzip.compress(dense, 9)),
+        "saved_model_gzip_bytes": gzip_size(saved_model),
+        "tflite_gzip_bytes": tflite_bytes,
+    }
 
 
 def _write_tflite(config: RunConfig, model, folder: ImageFolder,

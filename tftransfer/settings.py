@@ -424,12 +424,24 @@ class TrainConfig(RunConfig):
     cut_tolerance: float = setting(
         CUT_TOLERANCE, "--cut auto: validation accuracy a shallower cut may lose "
         "against the best cut", metavar="F", cli_type=float)
+    prune: Optional[float] = setting(
+        None, "magnitude pruning while fine-tuning: this fraction of each "
+        "unfrozen kernel's weights is set to zero, the smallest first, rising on "
+        "a polynomial schedule over the first three quarters of fine-tuning and "
+        "kept zero by a mask through every step and a resume (the files shrink "
+        "when compressed)", metavar="SPARSITY", cli_type=float)
+    prune_filters: Optional[float] = setting(
+        None, "remove this fraction of the filters of each convolution in the "
+        "unfrozen top (the smallest by L1 norm) before training, then fine-tune: "
+        "a narrower, faster network; for chains of convolutions (VGG16, VGG19, "
+        "MobileNet)", metavar="F", cli_type=float)
 
     def check(self) -> None:
         super().check()
         from tftransfer.backbones import get_backbone_spec
 
         self._check_cut()
+        self._check_pruning()
 
         if self.image_size is None and is_fusion(self.backbone):
             from tftransfer.fusion import fusion_image_size, parse_backbones
@@ -441,6 +453,29 @@ class TrainConfig(RunConfig):
             raise ValueError("`class_weight` must be 'auto' or None. "
                              f"Received: class_weight={self.class_weight!r}")
 
+
+    def _check_pruning(self) -> None:
+        for name, what in (("prune", "prunes the weights of the unfrozen top "
+                                     "while it trains"),
+                           ("prune_filters", "narrows the unfrozen top, which "
+                                             "must then train to recover")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < 1:
+                raise ValueError(f"`{name}` must be a fraction in (0, 1). "
+                                 f"Received: {name}={value!r}")
+            if self.fine_tune_epochs == 0:
+                raise ValueError(
+                    f"`{name}` {what}: give it fine-tuning epochs "
+                    f"(--fine-tune-epochs N). Received: {name}={value}, "
+                    "fine_tune_epochs=0")
+            if is_fusion(self.backbone) or self.backbone.startswith("hub:"):
+                raise ValueError(
+                    f"`{name}` works on the layers of one Keras Applications "
+                    "backbone, not on a fusion or a hub module (one opaque "
+                    f"layer). Received: backbone={self.backbone!r}")
 
     def _check_cut(self) -> None:
         if (isinstance(self.cut_tolerance, bool)

@@ -271,6 +271,7 @@ def fine_tune(
     verbose="auto",
     lr_decay: float = 1.0,
     fine_tune_warmup: float = FINE_TUNE_WARMUP,
+    prune: Optional[float] = None,
 ) -> keras.callbacks.History:
     """Trains a `build_classifier` model: the head first, then the backbone's top.
 
@@ -337,6 +338,11 @@ def fine_tune(
         fine_tune_warmup: The fine-tuning rate rises linearly from 0 over
             this fraction of the first fine-tuning epoch (`linear_warmup`).
             Defaults to `0.3`.
+        prune: Magnitude pruning while fine-tuning: this fraction of each
+            unfrozen kernel (depthwise ones excepted) is zero at the end, by a
+            `MagnitudePruning` schedule over three quarters of fine-tuning,
+            with the top's batch normalisation recalibrated after each step
+            of it. Defaults to `None`: no pruning.
 
     Returns:
         A `keras.callbacks.History` over both phases: per-epoch metrics and a
@@ -391,7 +397,8 @@ def fine_tune(
     schedule = Schedule(epochs, fine_tune_epochs, fine_tune_layers, learning_rate,
                         fine_tune_learning_rate, batch_size, seed, jit,
                         augment=augmented, cache_dir=cache_dir, verbose=verbose,
-                        lr_decay=lr_decay, fine_tune_warmup=fine_tune_warmup)
+                        lr_decay=lr_decay, fine_tune_warmup=fine_tune_warmup,
+                        prune=prune)
     examples = DatasetExamples({"train": train, "validation": validation}, batch_size)
     if output is None:
         engine = Engine(model, examples, schedule, callbacks=callbacks,
