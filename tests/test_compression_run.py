@@ -74,7 +74,7 @@ def test_fine_tune_prune_keeps_the_zeros_through_a_kill_and_resume(scenes_dir,
 
     class Stop(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if epoch == 2:  # The second fine-tuning epoch of four.
+            if epoch == 1:  # The first fine-tuning epoch of four.
                 for name, kernel in kernels(self.model_).items():
                     zeros[name] = kernel == 0
                 raise KeyboardInterrupt
@@ -135,3 +135,24 @@ def test_train_prune_filters_narrows_the_top_and_still_learns(scenes_dir, tmp_pa
                 {"prune_filters": 0.5}, {"prune_filters": -1, "fine_tune_epochs": 1}):
         with pytest.raises(ValueError, match="prune"):
             TrainConfig(scenes_dir, weights=None, **bad)
+
+
+def test_report_shows_the_cut_and_the_sparsity_of_each_layer(tmp_path):
+    from tftransfer.report import write_report
+
+    summary = {
+        "backbone": "mobilenet", "val_accuracy": 0.9,
+        "cut": {"layer": "conv_pw_10_relu", "best": "conv_pw_13_relu",
+                "tolerance": 0.01, "probe": {"layers": 68, "val_accuracy": 0.85}},
+        "pruning": {"sparsity_asked": 0.8, "total": {"weights": 10, "sparsity": 0.8},
+                    "layers": [{"layer": "conv_pw_12", "weights": 10,
+                                "sparsity": 0.8}],
+                    "pruned_kernels_gzip_bytes": 3, "dense_kernels_gzip_bytes": 9,
+                    "saved_model_gzip_bytes": 100, "tflite_gzip_bytes": 90},
+        "filter_pruning": {"fraction": 0.5, "params_before": 9, "params_after": 5,
+                           "removed": [{"layer": "conv_pw_10", "filters_before": 8,
+                                        "filters_after": 4}]}}
+    page = open(write_report(str(tmp_path), None, summary=summary)).read()
+    for text in ("conv_pw_10_relu", "Magnitude pruning", "<td>conv_pw_12</td>",
+                 "Filter pruning", "<td>conv_pw_10</td>"):
+        assert text in page, text

@@ -172,5 +172,5 @@ def test_probe_on_real_images_finds_depth_pays(tmp_path):
     assert "conv_pw_13_relu" in result.stdout
     with open(tmp_path / "table.csv") as file:
         rows = file.read().splitlines()
-    assert rows[0] == "layer,layers,params,madds,latency_ms,val_accuracy"
+    assert rows[0] == "layer,layers,params,madds,latency_ms,val_accuracy,cv_accuracy"
     assert len(rows) == len(cuts) + 1

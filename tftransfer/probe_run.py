@@ -34,7 +34,8 @@ from tftransfer.probe import (
 from tftransfer.settings import TrainConfig
 from tftransfer.train import jit_for
 
-COLUMNS = ("layer", "layers", "params", "madds", "latency_ms", "val_accuracy")
+COLUMNS = ("layer", "layers", "params", "madds", "latency_ms", "val_accuracy",
+           "cv_accuracy")
 PROBE_FILE = "probe.json"  # In a run folder: the probe `--cut auto` chose by.
 
 
@@ -68,7 +69,7 @@ def probe_backbone(config: TrainConfig, backbone: keras.Model, folder) -> dict:
         backbone, examples, cache_opener(config, image_size), seed=config.seed,
         jit_compile=jit_for(config.jit, backbone), verbose=config.verbose)
     chosen = choose_cut(cuts, config.cut_tolerance)
-    best = max(cuts, key=lambda cut: cut["val_accuracy"])
+    best = max(cuts, key=lambda cut: cut["cv_accuracy"])
     return {
         "backbone": config.backbone,
         "alpha": config.alpha,
@@ -159,14 +160,14 @@ def write_table(path: str, cuts: list) -> str:
 def table_lines(record: dict) -> list:
     """The probe's table for a terminal, the chosen and best cuts marked."""
     lines = [f"{'cut after layer':<28}{'layers':>7}{'params':>12}{'M madds':>10}"
-             f"{'ms/image':>10}{'val acc':>9}"]
+             f"{'ms/image':>10}{'val acc':>9}{'cv acc':>8}"]
     for cut in record["cuts"]:
         mark = ("  <- --cut auto" if cut["layer"] == record["cut"] else
                 "  <- best" if cut["layer"] == record["best"] else "")
         latency = "-" if cut["latency_ms"] is None else f"{cut['latency_ms']:.1f}"
         lines.append(f"{cut['layer']:<28}{cut['layers']:>7}{cut['params']:>12,}"
                      f"{cut['madds'] / 1e6:>10.1f}{latency:>10}"
-                     f"{cut['val_accuracy']:>9.3f}{mark}")
+                     f"{cut['val_accuracy']:>9.3f}{cut['cv_accuracy']:>8.3f}{mark}")
     return lines
 
 

@@ -154,7 +154,7 @@ def _layer_kernels(model: keras.Layer) -> list:
     return found
 
 
-def prunable_kernels(model: keras.Layer) -> list:
+def prunable_kernels(model: keras.Layer, skip: tuple = ()) -> list:
     """The kernels that `model` trains, of its Dense and convolution layers.
 
     Nested models are searched. Kernels of frozen layers (or inside frozen
@@ -162,6 +162,8 @@ def prunable_kernels(model: keras.Layer) -> list:
 
     Args:
         model: A built Keras model (or layer).
+        skip: Layer classes whose kernels are left out too, e.g.
+            `(keras.layers.DepthwiseConv2D,)`. Defaults to `()`.
 
     Returns:
         A list of `keras.Variable`s, in layer order.
@@ -179,7 +181,8 @@ def prunable_kernels(model: keras.Layer) -> list:
     ['model/head/kernel']
     """
     trainable = {id(variable) for variable in model.trainable_variables}
-    return [kernel for _, kernel in _layer_kernels(model) if id(kernel) in trainable]
+    return [kernel for layer, kernel in _layer_kernels(model)
+            if id(kernel) in trainable and not isinstance(layer, skip)]
 
 
 def magnitude_mask(kernel, sparsity: float) -> tf.Tensor:
@@ -442,7 +445,7 @@ def recalibrate_batch_norm(model: keras.Layer, inputs, layers: Sequence) -> None
     """
     chosen = {id(layer) for layer in layers}
     saved = []
-    for layer in _walk_layers(model):
+    for layer in _walk(model, set()):
         if isinstance(layer, keras.layers.BatchNormalization):
             saved.append((layer, layer.trainable, layer.momentum))
             layer.trainable = id(layer) in chosen
@@ -453,14 +456,6 @@ def recalibrate_batch_norm(model: keras.Layer, inputs, layers: Sequence) -> None
     finally:
         for layer, trainable, momentum in saved:
             layer.trainable, layer.momentum = trainable, momentum
-
-
-def _walk_layers(model: keras.Layer) -> list:
-    found = []
-    for layer in getattr(model, "layers", ()):
-        found.append(layer)
-        found.extend(_walk_layers(layer))
-    return found
 
 
 def _detach(kernels) -> int:

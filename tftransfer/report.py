@@ -95,6 +95,8 @@ def write_report(folder: str, interpretation: Optional[Interpretation] = None,
         sections.append(_results(folder, interpretation, num_top_losses))
     if summary and isinstance(summary.get("tflite"), dict):
         sections.append(_tflite(summary["tflite"]))
+    if summary and any(summary.get(key) for key in _COMPRESSION_KEYS):
+        sections.append(_compression(summary))
     if data:
         sections.append(_data(folder, data))
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -195,6 +197,47 @@ def _tflite(report: dict) -> str:
             "accuracy_drop", "agreement", "max_probability_difference")
     return _section("LiteRT file", _table(
         ["", ""], [(key, report[key]) for key in keys if key in report], header=False))
+
+
+_COMPRESSION_KEYS = ("cut", "pruning", "filter_pruning")
+
+
+def _compression(summary: dict) -> str:
+    """The cut, the magnitude pruning and the filter pruning of a run."""
+    parts = []
+    cut = summary.get("cut")
+    if cut:
+        rows = [("cut after", cut["layer"])]
+        if cut.get("best"):
+            rows += [("best probed cut", cut["best"]), ("tolerance", cut["tolerance"])]
+        for key in ("layers", "params", "madds", "latency_ms", "val_accuracy"):
+            if (cut.get("probe") or {}).get(key) is not None:
+                rows.append((f"probe: {key}", cut["probe"][key]))
+        parts.append(_table(["", ""], rows, header=False))
+    pruning = summary.get("pruning")
+    if pruning:
+        parts.append("<h3>Magnitude pruning</h3>")
+        parts.append(_table(["", ""], [
+            ("sparsity asked", pruning["sparsity_asked"]),
+            ("sparsity reached", pruning["total"]["sparsity"]),
+            ("pruned kernels, gzip bytes", pruning["pruned_kernels_gzip_bytes"]),
+            ("the same kernels dense, gzip bytes", pruning["dense_kernels_gzip_bytes"]),
+            ("SavedModel, gzip bytes", pruning["saved_model_gzip_bytes"]),
+            (".tflite, gzip bytes", pruning["tflite_gzip_bytes"])], header=False))
+        parts.append(_table(["layer", "weights", "sparsity"], [
+            (row["layer"], row["weights"], row["sparsity"])
+            for row in pruning["layers"]]))
+    narrowed = summary.get("filter_pruning")
+    if narrowed:
+        parts.append("<h3>Filter pruning</h3>")
+        parts.append(_table(["", ""], [
+            (key, narrowed[key]) for key in ("fraction", "params_before", "params_after",
+                                             "latency_ms_before", "latency_ms_after")
+            if narrowed.get(key) is not None], header=False))
+        parts.append(_table(["layer", "filters before", "filters after"], [
+            (row["layer"], row["filters_before"], row["filters_after"])
+            for row in narrowed["removed"]]))
+    return _section("Cut and pruned", "\n".join(parts))
 
 
 def _data(folder: str, data: dict) -> str:

@@ -163,7 +163,9 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         settings["cut_layer"] = probe["cut"]
     state = run_folder.resume_state(settings, workers, policy)
     with timings.stage("build"), workers.strategy.scope():
-        model = build_classifier(backbone, len(folder.class_names), config.dropout)
+        # A cut backbone's features: standardised in the head (`build_head`).
+        model = build_classifier(backbone, len(folder.class_names), config.dropout,
+                                 standardize=probe is not None)
     weights = config.weights if config.weights is not None else "none (random)"
     cut = f" cut after {probe['cut']}" if probe else ""
     say(config, f"Backbone {config.network}{cut} ({backbone.count_params():,} parameters), "

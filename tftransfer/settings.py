@@ -427,7 +427,7 @@ class TrainConfig(RunConfig):
     prune: Optional[float] = setting(
         None, "magnitude pruning while fine-tuning: this fraction of each "
         "unfrozen kernel's weights is set to zero, the smallest first, rising on "
-        "a polynomial schedule over the first three quarters of fine-tuning and "
+        "a polynomial schedule over the first half of fine-tuning and "
         "kept zero by a mask through every step and a resume (the files shrink "
         "when compressed)", metavar="SPARSITY", cli_type=float)
     prune_filters: Optional[float] = setting(

@@ -340,7 +340,7 @@ def fine_tune(
             Defaults to `0.3`.
         prune: Magnitude pruning while fine-tuning: this fraction of each
             unfrozen kernel (depthwise ones excepted) is zero at the end, by a
-            `MagnitudePruning` schedule over three quarters of fine-tuning,
+            `MagnitudePruning` schedule over the first half of fine-tuning,
             with the top's batch normalisation recalibrated after each step
             of it. Defaults to `None`: no pruning.
 
