@@ -140,6 +140,9 @@ def test_cut_auto_records_its_choice_and_bad_cuts_are_refused(scenes_dir, tmp_pa
     assert summary["cut"]["layer"] == probe["cut"] == choose_cut(
         probe["cuts"], 0.05)["layer"]
     assert summary["cut"]["tolerance"] == 0.05
+    row = next(cut for cut in probe["cuts"] if cut["layer"] == probe["cut"])
+    saved = keras.saving.load_model(str(run / "model.keras"))
+    assert len(backbone_network(saved.get_layer("backbone")).layers) == row["layers"]
 
     refused = run_cli("train", scenes_dir, "--backbone", "vgg16", "--weights",
                       "none", "--image-size", "32", "--cut", "block9_pool",
@@ -174,3 +177,22 @@ def test_probe_on_real_images_finds_depth_pays(tmp_path):
         rows = file.read().splitlines()
     assert rows[0] == "layer,layers,params,madds,latency_ms,val_accuracy,cv_accuracy"
     assert len(rows) == len(cuts) + 1
+
+
+def test_a_standardising_head_survives_restore_and_copy():
+    """Keras' Normalization reads its statistics into constants when adapted;
+    a checkpoint's restore and a strategy's plain copy must refresh them."""
+    from tftransfer.checkpoint import restore_weights
+    from tftransfer.heads import build_classifier, plain_copy
+
+    backbone = load_backbone("vgg16", None, 32)
+    model = build_classifier(backbone, 3, standardize=True)
+    features = np.random.default_rng(0).normal(3.0, 2.0, (64, 512)).astype("float32")
+    model.get_layer("head").get_layer("standardize").adapt(features)
+    expected = model.predict(_pixels(), verbose=0)
+    fresh = build_classifier(load_backbone("vgg16", None, 32), 3, standardize=True)
+    restore_weights(fresh, {"weights_of": fresh.name,
+                            "model": [w.numpy() for w in model.weights]})
+    np.testing.assert_allclose(fresh.predict(_pixels(), verbose=0), expected, atol=1e-5)
+    copy = plain_copy(model, load_backbone("vgg16", None, 32), 0.2)
+    np.testing.assert_allclose(copy.predict(_pixels(), verbose=0), expected, atol=1e-5)

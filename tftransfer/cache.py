@@ -34,7 +34,12 @@ import tensorflow as tf
 
 from tftransfer.data import RESIZE_METHOD, make_dataset
 from tftransfer.errors import check_choice
-from tftransfer.files import TEMPORARY_PREFIX, sweep_temporaries, write_atomically
+from tftransfer.files import (
+    TEMPORARY_PREFIX,
+    sweep_temporaries,
+    write_atomically,
+    write_bytes_atomically,
+)
 
 FORMAT_VERSION = "v1"
 HEADER_SIZE = 64
@@ -171,6 +176,7 @@ class FeatureCache:
         os.remove(probe)
         # What runs killed mid-write left behind (never read: not entries).
         self.swept = sweep_temporaries(self.directory)
+        self._folders = set()  # Entry folders known to exist.
 
     def path(self, digest: str) -> str:
         """Returns the file of the entry for `digest` (which may not exist)."""
@@ -191,9 +197,11 @@ class FeatureCache:
     def store(self, digest: str, array: np.ndarray) -> None:
         """Writes `array`, cast to the cache's dtype, as the entry for `digest`."""
         path = self.path(digest)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        contents = _encode(np.asarray(array, self.dtype))
-        write_atomically(path, lambda stream: stream.write(contents))
+        folder = os.path.dirname(path)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        write_bytes_atomically(path, _encode(np.asarray(array, self.dtype)))
 
     def dataset(
         self,

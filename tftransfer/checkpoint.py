@@ -29,9 +29,12 @@ CHECKPOINT_FILE = "checkpoint.npz"
 # warm-up (`None`): it only shapes fine-tuning steps not yet taken, and a run
 # checkpointed mid-fine-tuning has taken its first steps already.
 # Settings added since runs were first written, and what they were before.
+# A run from before resumes only if the setting is still that, except for
+# those in ANY_VALUE_ADDED (the warm-up was on before it was a setting).
 ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": None, "cut": None,
                   "cut_tolerance": 0.01, "cut_layer": None,
                   "prune_filters": None, "prune": None}
+ANY_VALUE_ADDED = {"fine_tune_warmup"}
 
 
 class RunCheckpoint:
@@ -73,8 +76,7 @@ class RunCheckpoint:
             key
             for key in set(meta["settings"]) | set(self.settings)
             if value(meta["settings"], key) != value(self.settings, key)
-            and not (key not in meta["settings"] and key in ADDED_SETTINGS
-                     and ADDED_SETTINGS[key] is None)
+            and not (key not in meta["settings"] and key in ANY_VALUE_ADDED)
         )
         if different:
             changes = ", ".join(
@@ -160,6 +162,16 @@ def restore_weights(model: keras.Model, state: dict) -> None:
         )
     for variable, value in zip(model.weights, state["model"]):
         variable.assign(value)
+    refresh_normalization(model)
+
+
+def refresh_normalization(model: keras.Model) -> None:
+    """Keras' `Normalization` copies its mean and variance into constants when
+    adapted or loaded from a file, not when its variables are assigned: after
+    assigning them, each such layer is told to copy them again."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Normalization) and layer.built:
+            layer.finalize_state()
 
 
 def restore_optimizer(training_model: keras.Model, state: dict) -> bool:

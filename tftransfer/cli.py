@@ -99,12 +99,16 @@ def _add_run_commands(commands) -> None:
         "validation images with an output at each block (where its graph can be "
         "cut at one tensor), train a linear head on each block's pooled "
         "features, and print the layers, parameters, multiply-adds and latency "
-        "kept at each cut with its validation accuracy. The features go through "
+        "kept at each cut with its validation accuracy and its accuracy "
+        "cross-validated over the training and validation images (what --cut "
+        "auto chooses by). The features go through "
         "the cache, so `train --cut LAYER` or `--cut auto` after it computes "
-        "none. No run folder is written.")
+        "none. It takes train's options; those that shape training or a run "
+        "folder (--epochs, --prune, --output, ...) have no effect, and no run "
+        "folder is written.")
     add_arguments(probe, TrainConfig)
-    probe.add_argument("--table", metavar="FILE", default="probe.csv",
-                       help="CSV of the table (default: probe.csv)")
+    probe.add_argument("--table", metavar="FILE", default=None,
+                       help="also write the table as CSV to FILE")
     _add_json(probe)
 
 
@@ -280,10 +284,11 @@ def _probe(args):
         record = probe_folder(config)
     except ValueError as error:
         raise SettingError(str(error)) from error
-    record["table"] = write_table(args.table, record["cuts"])
+    record["table"] = write_table(args.table, record["cuts"]) if args.table else None
     lines = table_lines(record) + [
-        f"--cut auto takes {record['cut']} (within {config.cut_tolerance} of the "
-        f"best, {record['best']}); table: {record['table']}"]
+        f"--cut auto takes {record['cut']} (cross-validated accuracy within "
+        f"{config.cut_tolerance} of the best, {record['best']})"
+        + (f"; table: {record['table']}" if record["table"] else "")]
     return record, lines
 
 

@@ -47,7 +47,7 @@ from tftransfer.fusion import FUSION_LAYER, fused_members, member_path
 from tftransfer.graph import backbone_network, split_backbone
 from tftransfer.guards import FiniteLoss
 from tftransfer.heads import STANDARDIZE
-from tftransfer.run_folder import HistoryCSV, RunFolder
+from tftransfer.run_folder import PRUNING_REFERENCE, HistoryCSV, RunFolder
 from tftransfer.settings import (
     FINE_TUNE_LEARNING_RATE,
     FINE_TUNE_WARMUP,
@@ -181,12 +181,7 @@ class Engine:
         if self.members is not None and schedule.lr_decay != 1:
             raise SettingError("--lr-decay applies to one backbone, not a fusion: "
                                "leave it at 1.")
-        if schedule.prune is not None and (
-                isinstance(schedule.prune, bool)
-                or not isinstance(schedule.prune, (int, float))
-                or not 0 < schedule.prune < 1):
-            raise ValueError("`prune` must be a sparsity in (0, 1). "
-                             f"Received: prune={schedule.prune!r}")
+        self._check_pruning(schedule)
         self.examples = examples
         self.schedule = schedule
         self.task = task or ClassifierTask()
@@ -214,6 +209,26 @@ class Engine:
         self.history = keras.callbacks.History()
         self.history.set_model(model)
         self.history.history, self.history.epoch = {}, []
+
+    def _check_pruning(self, schedule: Schedule) -> None:
+        """`prune` is a sparsity, for one Keras Applications backbone that
+        fine-tunes (`fine_tune(prune=...)` is checked here; `train`'s config
+        checks the same before any build)."""
+        from tftransfer.hub import hub_layer
+
+        prune = schedule.prune
+        if prune is None:
+            return
+        if isinstance(prune, bool) or not isinstance(prune, (int, float)) \
+                or not 0 < prune < 1:
+            raise ValueError(f"`prune` must be a sparsity in (0, 1). Received: prune={prune!r}")
+        if (schedule.fine_tune_epochs == 0 or self.members is not None
+                or hub_layer(self.backbone) is not None):
+            raise ValueError(
+                "`prune` prunes the unfrozen top of one Keras Applications "
+                "backbone while it fine-tunes: give fine-tuning epochs, and a "
+                "backbone that is not a fusion or a hub module. Received: "
+                f"prune={prune}, fine_tune_epochs={schedule.fine_tune_epochs}")
 
     @property
     def start(self) -> int:
@@ -635,7 +650,8 @@ class Engine:
         callbacks = [FiniteLoss(phase, rate if isinstance(rate, float) else None,
                                 "--learning-rate" if phase == "head"
                                 else "--fine-tune-learning-rate")]
-        if phase == "fine_tune" and schedule.prune:
+        pruning = phase == "fine_tune" and schedule.prune
+        if pruning:
             # Before the checkpoint: each epoch's checkpoint holds masked weights.
             callbacks.append(self.pruning_callback(network, train))
         if self.run_folder is not None:
@@ -646,23 +662,32 @@ class Engine:
                 callbacks.append(logs_callback(self.run_folder.file(LOGS_FOLDER)))
         callbacks += self.callbacks
         started = time.perf_counter()
-        if not workers.own_loop:
-            # Our datasets shuffle themselves: `shuffle=False` says so to Keras.
-            result = model.fit(train, validation_data=validation, epochs=end,
-                               initial_epoch=initial_epoch, callbacks=callbacks,
-                               class_weight=self.class_weight, shuffle=False,
-                               verbose=schedule.verbose)
-        else:
-            totals, size = self.examples.totals, schedule.batch_size
-            result = distributed_fit(
-                workers, model, workers.lockstep(train, totals["train"], size),
-                workers.lockstep(validation, totals["validation"], size),
-                epochs=end, initial_epoch=initial_epoch, callbacks=callbacks,
-                class_weight=self.class_weight, verbose=schedule.verbose,
-                example_losses=getattr(model, "example_losses", None))
+        try:
+            result = self._fit(model, train, validation, end, initial_epoch, callbacks)
+        finally:
+            if pruning:  # Stopped mid-way: no mask stays on the user's model.
+                from tftransfer.pruning import strip_pruning
+
+                strip_pruning(self.model)
         self.timings.add(phase, time.perf_counter() - started)
         self._record(result, phase)
         return result
+
+    def _fit(self, model, train, validation, end, initial_epoch, callbacks):
+        schedule, workers = self.schedule, self.workers
+        if not workers.own_loop:
+            # Our datasets shuffle themselves: `shuffle=False` says so to Keras.
+            return model.fit(train, validation_data=validation, epochs=end,
+                             initial_epoch=initial_epoch, callbacks=callbacks,
+                             class_weight=self.class_weight, shuffle=False,
+                             verbose=schedule.verbose)
+        totals, size = self.examples.totals, schedule.batch_size
+        return distributed_fit(
+            workers, model, workers.lockstep(train, totals["train"], size),
+            workers.lockstep(validation, totals["validation"], size),
+            epochs=end, initial_epoch=initial_epoch, callbacks=callbacks,
+            class_weight=self.class_weight, verbose=schedule.verbose,
+            example_losses=getattr(model, "example_losses", None))
 
     def pruning_callback(self, network: keras.Model, train) -> keras.callbacks.Callback:
         """`--prune`: `MagnitudePruning` of the unfrozen backbone's kernels
@@ -689,8 +714,7 @@ class Engine:
         # others alone (and recalibrating) kept 0.87.
         self.pruned_kernels = prunable_kernels(
             backbone_network(self.backbone), skip=(keras.layers.DepthwiseConv2D,))
-        # As they were, dense: what the pruned files are measured against.
-        self.dense_kernels = [np.array(kernel) for kernel in self.pruned_kernels]
+        self.dense_kernels_gzip_bytes = self.dense_reference()
         batches, count = [], 0
         for inputs, _ in train:
             batches.append(inputs)
@@ -707,6 +731,23 @@ class Engine:
                                 end_step=max(1, round(PRUNING_END * total)),
                                 frequency=max(1, steps // 4),
                                 kernels=self.pruned_kernels, on_update=recalibrate)
+
+    def dense_reference(self) -> int:
+        """The gzip size of the kernels `--prune` prunes, dense as fine-tuning
+        found them: what the pruned kernels are measured against. Kept in the
+        run folder, since a resumed run finds them pruned already."""
+        import gzip
+
+        saved = (self.run_folder.read_json(PRUNING_REFERENCE) or {}
+                 if self.run_folder is not None and self.state else {})
+        if "dense_kernels_gzip_bytes" in saved:
+            return saved["dense_kernels_gzip_bytes"]
+        dense = b"".join(np.asarray(kernel).tobytes() for kernel in self.pruned_kernels)
+        size = len(gzip.compress(dense, 9))
+        if self.run_folder is not None and self.workers.is_chief:
+            self.run_folder.write_json(PRUNING_REFERENCE,
+                                       {"dense_kernels_gzip_bytes": size})
+        return size
 
     def rate(self, phase: str) -> float:
         """The learning rate of `phase`: the schedule's, or the finder's."""

@@ -13,10 +13,12 @@ Two entry points, one scheme (write beside the destination, then rename over it)
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -95,6 +97,35 @@ def write_atomically(path: str, write: Callable, text: bool = False,
                        **({"newline": "", "encoding": "utf-8"} if text else {})
                        ) as stream:
             write(stream)
+        os.replace(tmp, path)
+    except BaseException as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        failed = disk_error(error, path)
+        if failed is not None:
+            raise failed from error
+        raise
+
+
+_names = itertools.count()
+
+
+def write_bytes_atomically(path: str, contents: bytes) -> None:
+    """`write_atomically` of bytes, for the many small files of a cache.
+
+    The temporary file is created with the mode a plain `open` gives (the
+    umask applies), so there is no umask to read, no mode to copy and no
+    `chmod`: a cache entry took 0.34 ms through `write_atomically`, and a
+    probe writes one per image and cut point (56,000 for flowers128). A kill
+    leaves the temporary file for `sweep_temporaries`, as there.
+    """
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, f"{TEMPORARY_PREFIX}{os.getpid()}-"
+                               f"{threading.get_ident()}-{next(_names)}")
+    try:
+        handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(contents)
         os.replace(tmp, path)
     except BaseException as error:
         if os.path.exists(tmp):

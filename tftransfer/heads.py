@@ -31,8 +31,9 @@ def build_head(
             1). Defaults to `False`.
 
     Returns:
-        A `keras.Sequential` named `"head"`: `Dropout` then a `Dense` layer,
-        mapping `(batch, num_features)` to logits `(batch, num_classes)`.
+        A `keras.Sequential` named `"head"`: (with `standardize`, the
+        `Normalization` layer), `Dropout`, then a `Dense` layer, mapping
+        `(batch, num_features)` to logits `(batch, num_classes)`.
 
     Raises:
         ValueError: if `num_classes` is less than 2 or `dropout` is not in
@@ -132,8 +133,11 @@ def plain_copy(model: keras.Model, network: keras.Model, dropout: float) -> kera
     if [tuple(v.shape) for v in copy.weights] != [tuple(v.shape) for v in model.weights]:
         raise RuntimeError("The classifier cannot be rebuilt for saving: its "
                            "weights differ from a freshly built one's.")
+    from tftransfer.checkpoint import refresh_normalization
+
     for target, source in zip(copy.weights, model.weights):
         target.assign(source.numpy())
+    refresh_normalization(copy)
     return copy
 
 

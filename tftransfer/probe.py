@@ -278,6 +278,18 @@ def fit_linear_probes(train: list, train_labels, validation: list, validation_la
     function: Keras' `fit` on a model with a head per cut spent seconds
     setting up its 13 losses and metrics for 245 images.
 
+    Args:
+        train: Per cut, the training split's pooled features `(n, width)`.
+        train_labels: Their integer labels.
+        validation: Per cut, the validation split's features.
+        validation_labels: Their labels.
+        num_classes: Number of classes.
+        epochs: Passes over both splits. Defaults to `50`.
+        batch_size: Examples per step. Defaults to `256`.
+        learning_rate: Adam's rate. Defaults to `3e-3`.
+        seed: Initialisation, folds and shuffling. Defaults to `0`.
+        folds: Folds of the cross-validation. Defaults to `CV_FOLDS`.
+
     Returns:
         `(val_accuracies, cv_accuracies)`, one per cut, after the last epoch.
     """
@@ -357,31 +369,39 @@ def choose_cut(cuts: list, tolerance: float = 0.01) -> dict:
 
 def probe_examples(backbone: keras.Model, examples, cache_for: Optional[Callable] = None,
                    epochs: int = 50, seed: int = 0, latency: bool = True,
-                   jit_compile: bool = False, verbose=0) -> list:
+                   jit_compile: bool = False, verbose=0) -> tuple:
     """`probe_cuts` on `tftransfer.examples` (`FolderExamples` or
     `DatasetExamples`), each cut's features going through the cache
     `cache_for(truncated_backbone)` returns (or `None`).
 
     Returns:
         `(cuts, stats)`: `probe_cuts`' list, and per split the `CacheStats`
-        of the pass as a dict.
+        of the pass as a dict, with `seconds` per stage (`build`, `forward`,
+        `heads`, `latency`).
     """
+    started = time.perf_counter()
     layers = cut_points(backbone)
     networks = [truncate(backbone, layer) for layer in layers]
     caches = [cache_for(network) if cache_for else None for network in networks]
     probes = probe_network(backbone, layers)
+    timings = {"build": time.perf_counter() - started}
+    started = time.perf_counter()
     features, stats = {}, {}
     for split in ("train", "validation"):
         features[split], counted = examples.outputs(
             probes, caches, split, keep=[True] * len(layers),
             jit_compile=jit_compile, verbose=verbose)
         stats[split] = counted[0]._asdict()
+    timings["forward"] = time.perf_counter() - started
+    started = time.perf_counter()
     num_classes = int(max(examples.labels("train").max(),
                           examples.labels("validation").max())) + 1
     accuracies, cross_validated = fit_linear_probes(
         list(features["train"]), examples.labels("train"),
         list(features["validation"]), examples.labels("validation"),
         num_classes, epochs=epochs, seed=seed)
+    timings["heads"] = time.perf_counter() - started
+    started = time.perf_counter()
     cuts = []
     for layer, network, accuracy, cv_accuracy in zip(layers, networks, accuracies,
                                                     cross_validated):
@@ -395,6 +415,8 @@ def probe_examples(backbone: keras.Model, examples, cache_for: Optional[Callable
             "val_accuracy": accuracy,
             "cv_accuracy": cv_accuracy,
         })
+    timings["latency"] = time.perf_counter() - started
+    stats["seconds"] = {name: round(value, 2) for name, value in timings.items()}
     return cuts, stats
 
 

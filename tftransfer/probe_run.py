@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from typing import Optional
 
@@ -23,6 +24,7 @@ from tftransfer.engine import network_identity
 from tftransfer.examples import FolderExamples
 from tftransfer.files import write_atomically
 from tftransfer.fusion import build_backbone
+from tftransfer.graph import backbone_network
 from tftransfer.precision import dtype_policy_scope
 from tftransfer.probe import (
     _check_layer,
@@ -31,12 +33,12 @@ from tftransfer.probe import (
     probe_examples,
     truncate,
 )
+from tftransfer.run_folder import PROBE_FILE
 from tftransfer.settings import TrainConfig
 from tftransfer.train import jit_for
 
 COLUMNS = ("layer", "layers", "params", "madds", "latency_ms", "val_accuracy",
            "cv_accuracy")
-PROBE_FILE = "probe.json"  # In a run folder: the probe `--cut auto` chose by.
 
 
 def cache_opener(config, image_size: int):
@@ -92,8 +94,9 @@ def probe_folder(config: TrainConfig) -> dict:
 
     Returns:
         `{"cuts": [...], "cut": layer, "best": layer, ...}`: per cut point its
-        `layer`, `layers` and `params` kept, `madds`, `latency_ms` and
-        `val_accuracy`; `cut` is what `--cut auto` would take.
+        `layer`, `layers` and `params` kept, `madds`, `latency_ms`,
+        `val_accuracy` and `cv_accuracy`; `cut` is what `--cut auto` would
+        take (by `cv_accuracy`), `best` the cut of the best `cv_accuracy`.
 
     Raises:
         ValueError: a backbone that cannot be cut (a hub module, a fusion).
@@ -112,24 +115,57 @@ def probe_folder(config: TrainConfig) -> dict:
 def cut_backbone(config, backbone: keras.Model, folder, run_folder) -> tuple:
     """`train --cut`: `(backbone cut as asked, probe record or None)`.
 
-    `auto` probes (the features come from the cache after a `probe`); a
-    resumed run takes the cut its first start chose, kept in the run folder.
+    `auto` probes (the features come from the cache after a `probe`). A run
+    resuming from a checkpoint takes the cut its first start chose, kept in
+    the run folder, if that probe was of the same backbone, size and
+    tolerance; a run starting afresh probes again.
     """
     cut = getattr(config, "cut", None)
     if not cut:
         return backbone, None
     if cut != "auto":
         return truncate(backbone, cut), {"cut": cut}
-    record = None if config.overwrite else run_folder.read_json(PROBE_FILE)
+    record = _saved_probe(config, backbone, run_folder)
     if record is None:
         record = probe_backbone(config, backbone, folder)
     elif config.verbose != 0:
         print(f"Cut chosen when the run started: {record['cut']}", flush=True)
-    return truncate(backbone, record["cut"]), record
+    cut_network = truncate(backbone, record["cut"])
+    _check_fine_tune_layers(config, cut_network, record["cut"])
+    return cut_network, record
+
+
+def _saved_probe(config, backbone: keras.Model, run_folder) -> Optional[dict]:
+    """The probe a killed run with a checkpoint chose its cut by, if it fits."""
+    from tftransfer.checkpoint import CHECKPOINT_FILE
+
+    if config.overwrite or not os.path.exists(run_folder.file(CHECKPOINT_FILE)):
+        return None
+    record = run_folder.read_json(PROBE_FILE)
+    if not record or "cuts" not in record:
+        return None
+    same = (record.get("backbone") == config.backbone
+            and record.get("alpha") == config.alpha
+            and record.get("image_size") == int(backbone.input_shape[1])
+            and record.get("cut_tolerance") == config.cut_tolerance)
+    return record if same else None
+
+
+def _check_fine_tune_layers(config, network: keras.Model, layer: str) -> None:
+    """`--fine-tune-layers` must fit the network kept above the cut."""
+    from tftransfer.errors import SettingError
+
+    kept = len(backbone_network(network).layers)
+    if config.fine_tune_layers is not None and config.fine_tune_layers > kept:
+        raise SettingError(
+            f"`fine_tune_layers` must be at most {kept}, the layers of the network "
+            f"cut after {layer}. Received: fine_tune_layers={config.fine_tune_layers}."
+            " Pass a smaller --fine-tune-layers, or leave it out (the top 30%).")
 
 
 def check_cut_layer(config, backbone: keras.Model) -> None:
-    """Refuses a `--cut LAYER` the network does not have, before the scan."""
+    """Refuses, before the scan, a `--cut LAYER` the network does not have
+    or `--fine-tune-layers` more than the cut network holds."""
     cut = getattr(config, "cut", None)
     if cut and cut != "auto":
         try:
@@ -138,6 +174,7 @@ def check_cut_layer(config, backbone: keras.Model) -> None:
             from tftransfer.errors import SettingError
 
             raise SettingError(str(error)) from error
+        _check_fine_tune_layers(config, truncate(backbone, cut), cut)
 
 
 def table_text(cuts: list) -> str:

@@ -23,6 +23,7 @@ from tftransfer.cache import default_cache_dir, weights_fingerprint
 from tftransfer.data import DECODED_CACHE_BYTES
 from tftransfer.data_report import class_imbalance, data_report, summarize_data
 from tftransfer.engine import ClassifierTask, Engine, Schedule, network_identity
+from tftransfer.errors import SettingError
 from tftransfer.examples import FolderExamples
 from tftransfer.folders import ImageFolder, scan_image_folder
 from tftransfer.fusion import build_backbone
@@ -148,9 +149,20 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         with workers.strategy.scope():
             backbone = build_backbone(config, image_size)
         check_cut_layer(config, backbone)
+        if getattr(config, "prune_filters", None) and getattr(config, "cut",
+                                                              None) in (None, "auto"):
+            # A graph filter pruning refuses is refused before the scan (and probe).
+            narrow_backbone(config, backbone, measure=False)
     with timings.stage("scan"):
         folder, report = scan(config)
     check_data(folder, report)
+    if workers.count > 1 and (getattr(config, "cut", None) or getattr(
+            config, "prune", None) or getattr(config, "prune_filters", None)):
+        # Each machine would adapt the head's standardisation and recalibrate
+        # batch normalisation on its own share of the images.
+        raise SettingError("--cut, --prune and --prune-filters run on one machine: "
+                           "leave them out of a multi-worker run.")
+    full = backbone
     with timings.stage("probe"):
         backbone, probe = cut_backbone(config, backbone, folder, run_folder)
     with timings.stage("build"), workers.strategy.scope():
@@ -163,9 +175,11 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         settings["cut_layer"] = probe["cut"]
     state = run_folder.resume_state(settings, workers, policy)
     with timings.stage("build"), workers.strategy.scope():
-        # A cut backbone's features: standardised in the head (`build_head`).
+        # A cut backbone's middle features: standardised in the head
+        # (`build_head`), adapted to the cached training features.
+        standardize = backbone is not full and not schedule_of(config).augment
         model = build_classifier(backbone, len(folder.class_names), config.dropout,
-                                 standardize=probe is not None)
+                                 standardize=standardize)
     weights = config.weights if config.weights is not None else "none (random)"
     cut = f" cut after {probe['cut']}" if probe else ""
     say(config, f"Backbone {config.network}{cut} ({backbone.count_params():,} parameters), "
@@ -270,8 +284,6 @@ def narrow_backbone(config, backbone: keras.Model, measure: bool = True) -> tupl
     try:
         narrowed, removed = prune_filters(backbone, fraction, layers)
     except ValueError as error:
-        from tftransfer.errors import SettingError
-
         raise SettingError(str(error)) from error
     record = {"fraction": fraction, "layers": layers, "removed": removed,
               "params_before": int(backbone.count_params()),
@@ -305,18 +317,20 @@ def _pruning_summary(engine: Engine, model, saved_model: str,
 
     report = sparsity_report(kernels)
     pruned = b"".join(np.asarray(kernel).tobytes() for kernel in kernels)
-    dense = b"".join(array.tobytes() for array in engine.dense_kernels)
     with tempfile.TemporaryDirectory() as folder:
         path = (tflite or {}).get("path")
-        if not path or not os.path.exists(path):
-            path = export_tflite(model, os.path.join(folder, "model.tflite"))
-        tflite_bytes = gzip_size(path)
+        try:
+            if not path or not os.path.exists(path):
+                path = export_tflite(model, os.path.join(folder, "model.tflite"))
+            tflite_bytes = gzip_size(path)
+        except Exception as error:  # The model is trained and exported: finish.
+            tflite_bytes = f"not measured: {type(error).__name__}: {error}"
     return {
         **report,
         "sparsity_asked": engine.schedule.prune,
         "pruned_kernels_bytes": len(pruned),
         "pruned_kernels_gzip_bytes": len(gzip.compress(pruned, 9)),
-        "dense_kernels_gzip_bytes": len(gzip.compress(dense, 9)),
+        "dense_kernels_gzip_bytes": engine.dense_kernels_gzip_bytes,
         "saved_model_gzip_bytes": gzip_size(saved_model),
         "tflite_gzip_bytes": tflite_bytes,
     }

@@ -56,6 +56,9 @@ RUN_MARKERS = ("data_report.json", "checkpoint.npz", "history.csv", "metrics.jso
 WORKER_FOLDER_PREFIX = ".worker-"
 LOCK_FILE = ".lock"
 FOUND_RATES = "learning_rates.json"  # The learning-rate finder's results.
+PROBE_FILE = "probe.json"  # The probe `--cut auto` chose by.
+# The gzip size of the kernels `--prune` prunes, dense (see `Engine`).
+PRUNING_REFERENCE = "pruning_reference.json"
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -274,7 +277,8 @@ class RunFolder:
         if state is None:
             self.checkpoint.clear()
             _remove(self.history_path)
-            for name in (FOUND_RATES, "lr_find_head.png", "lr_find_fine_tune.png"):
+            for name in (FOUND_RATES, PROBE_FILE, PRUNING_REFERENCE,
+                         "lr_find_head.png", "lr_find_fine_tune.png"):
                 _remove(self.file(name))
         else:
             truncate_history(self.history_path, state["epoch"])

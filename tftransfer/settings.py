@@ -31,7 +31,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 CALIBRATION_IMAGES = 200
 MAX_ACCURACY_DROP = 0.02
-# `--cut auto`: the validation accuracy a shallower cut may lose.
+# `--cut auto`: the cross-validated accuracy a shallower cut may lose.
 CUT_TOLERANCE = 0.01
 # The exported signatures refuse an image whose header declares more pixels
 # (tftransfer.image_headers): above any camera's frame (24 MP is 6000x4000),
@@ -422,11 +422,13 @@ class TrainConfig(RunConfig):
         "kept; auto: probe every block output with a linear head and take the "
         "shallowest within --cut-tolerance of the best", metavar="auto|LAYER")
     cut_tolerance: float = setting(
-        CUT_TOLERANCE, "--cut auto: validation accuracy a shallower cut may lose "
-        "against the best cut", metavar="F", cli_type=float)
+        CUT_TOLERANCE, "--cut auto: accuracy a shallower cut may lose against the "
+        "best cut (a linear head's, cross-validated over the training and "
+        "validation images)", metavar="F", cli_type=float)
     prune: Optional[float] = setting(
         None, "magnitude pruning while fine-tuning: this fraction of each "
-        "unfrozen kernel's weights is set to zero, the smallest first, rising on "
+        "unfrozen kernel's weights (depthwise kernels excepted) is set to zero, "
+        "the smallest first, rising on "
         "a polynomial schedule over the first half of fine-tuning and "
         "kept zero by a mask through every step and a resume (the files shrink "
         "when compressed)", metavar="SPARSITY", cli_type=float)
