@@ -99,12 +99,18 @@ def write_atomically(path: str, write: Callable, text: bool = False,
             write(stream)
         os.replace(tmp, path)
     except BaseException as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        failed = disk_error(error, path)
-        if failed is not None:
-            raise failed from error
+        _failed_write(tmp, error, path)
         raise
+
+
+def _failed_write(tmp: str, error: BaseException, path: str) -> None:
+    """Removes the temporary file of a failed write; raises a full or failing
+    disk's error naming `path` (else the caller re-raises `error`)."""
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    failed = disk_error(error, path)
+    if failed is not None:
+        raise failed from error
 
 
 _names = itertools.count()
@@ -128,11 +134,7 @@ def write_bytes_atomically(path: str, contents: bytes) -> None:
             stream.write(contents)
         os.replace(tmp, path)
     except BaseException as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        failed = disk_error(error, path)
-        if failed is not None:
-            raise failed from error
+        _failed_write(tmp, error, path)
         raise
 
 
