@@ -167,7 +167,8 @@ def main():
             if name in args.prune_on:
                 results[name]["pruning"] = pruning(
                     name, data, tmp, os.path.join(tmp, "cache-mobilenet 0.75"))
-        print(json.dumps({name: results[name]}), flush=True)
+            # Before the folder's removal, which takes minutes for the caches.
+            print(json.dumps({name: results[name]}), flush=True)
     for name, result in results.items():
         print(f"\n{name}")
         for label, probed in result["probes"].items():
