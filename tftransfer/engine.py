@@ -215,13 +215,12 @@ class Engine:
         fine-tunes (`fine_tune(prune=...)` is checked here; `train`'s config
         checks the same before any build)."""
         from tftransfer.hub import hub_layer
+        from tftransfer.pruning import check_fraction
 
         prune = schedule.prune
         if prune is None:
             return
-        if isinstance(prune, bool) or not isinstance(prune, (int, float)) \
-                or not 0 < prune < 1:
-            raise ValueError(f"`prune` must be a sparsity in (0, 1). Received: prune={prune!r}")
+        check_fraction("prune", prune, low_open=True)
         if (schedule.fine_tune_epochs == 0 or self.members is not None
                 or hub_layer(self.backbone) is not None):
             raise ValueError(

@@ -213,7 +213,7 @@ def magnitude_mask(kernel, sparsity: float) -> tf.Tensor:
     return tf.reshape(mask, tf.shape(kernel))
 
 
-def _check_fraction(name: str, value, low_open: bool) -> float:
+def check_fraction(name: str, value, low_open: bool) -> float:
     """`value` as a float in (0, 1), or [0, 1) when not `low_open`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         ok = False
@@ -302,8 +302,8 @@ class MagnitudePruning(keras.callbacks.Callback):
                  kernels: Optional[Sequence] = None,
                  on_update: Optional[Callable] = None):
         super().__init__()
-        self.final_sparsity = _check_fraction("final_sparsity", final_sparsity, True)
-        self.initial_sparsity = _check_fraction("initial_sparsity", initial_sparsity,
+        self.final_sparsity = check_fraction("final_sparsity", final_sparsity, True)
+        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity,
                                                 False)
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(

@@ -149,24 +149,30 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         with workers.strategy.scope():
             backbone = build_backbone(config, image_size)
         check_cut_layer(config, backbone)
-        if getattr(config, "prune_filters", None) and getattr(config, "cut",
-                                                              None) in (None, "auto"):
-            # A graph filter pruning refuses is refused before the scan (and probe).
-            narrow_backbone(config, backbone, measure=False)
+        if workers.count > 1 and (getattr(config, "cut", None) or getattr(
+                config, "prune", None) or getattr(config, "prune_filters", None)):
+            # Each machine would adapt the head's standardisation and recalibrate
+            # batch normalisation on its own share of the images.
+            raise SettingError("--cut, --prune and --prune-filters run on one "
+                               "machine: leave them out of a multi-worker run.")
+        cut, narrowed = getattr(config, "cut", None), None
+        if getattr(config, "prune_filters", None) and cut in (None, "auto"):
+            # A graph filter pruning refuses is refused before the scan (and
+            # probe); without a cut, this is the narrowing itself.
+            with workers.strategy.scope():
+                narrower, narrowed = narrow_backbone(config, backbone,
+                                                     measure=cut is None)
+            if cut is None:
+                backbone = narrower
     with timings.stage("scan"):
         folder, report = scan(config)
     check_data(folder, report)
-    if workers.count > 1 and (getattr(config, "cut", None) or getattr(
-            config, "prune", None) or getattr(config, "prune_filters", None)):
-        # Each machine would adapt the head's standardisation and recalibrate
-        # batch normalisation on its own share of the images.
-        raise SettingError("--cut, --prune and --prune-filters run on one machine: "
-                           "leave them out of a multi-worker run.")
     full = backbone
     with timings.stage("probe"):
         backbone, probe = cut_backbone(config, backbone, folder, run_folder)
-    with timings.stage("build"), workers.strategy.scope():
-        backbone, narrowed = narrow_backbone(config, backbone)
+    if cut is not None:  # Narrowed once cut, the network trained.
+        with timings.stage("build"), workers.strategy.scope():
+            backbone, narrowed = narrow_backbone(config, backbone)
     everything = FolderExamples(folder, image_size, config.batch_size, config.seed,
                                 memory_budget=0)
     settings = {**config.resume_settings(), "data": everything.fingerprint(),
