@@ -15,7 +15,13 @@ from tftransfer import TrainConfig, train_run
 from tftransfer.backbones import load_backbone
 from tftransfer.examples import FolderExamples
 from tftransfer.graph import backbone_network
-from tftransfer.probe import choose_cut, cut_points, probe_network, truncate
+from tftransfer.probe import (
+    choose_cut,
+    cut_points,
+    measure_cut_latencies,
+    probe_network,
+    truncate,
+)
 from tftransfer.probe_run import probe_folder
 
 FAST = dict(backbone="vgg16", weights=None, image_size=32, batch_size=8,
@@ -60,6 +66,21 @@ def test_truncate_keeps_only_the_layers_below_the_cut():
     assert truncate(backbone, "block5_pool") is backbone
     with pytest.raises(ValueError, match="block1_conv1, block1_conv2"):
         truncate(backbone, "block3_conv3_typo")
+
+
+def test_cut_latencies_come_from_one_pass_in_the_order_asked():
+    """Deeper cuts cost more; asking in another order answers in that order;
+    a layer that is no cut point is refused."""
+    backbone = load_backbone("mobilenet", None, 64, alpha=0.25)
+    layers = cut_points(backbone)
+    latencies = measure_cut_latencies(backbone, layers, repeats=5)
+    assert len(latencies) == len(layers) and latencies[0] > 0
+    assert all(b >= a for a, b in zip(latencies, latencies[1:]))
+    assert latencies[-1] > latencies[0]
+    some = measure_cut_latencies(backbone, [layers[-1], layers[0]], repeats=5)
+    assert some[0] > some[1] > 0
+    with pytest.raises(ValueError, match="conv_dw_3"):
+        measure_cut_latencies(backbone, ["conv_dw_3"])
 
 
 def test_probe_runs_the_backbone_once_and_feeds_train_cut_from_the_cache(
