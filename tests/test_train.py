@@ -110,3 +110,74 @@ def test_fine_tuning_rate_warms_up_linearly_over_a_fraction_of_an_epoch(scenes_d
 
     with pytest.raises(ValueError, match="fine_tune_warmup"):
         TrainConfig(scenes_dir, backbone="vgg16", fine_tune_warmup=1.5)
+
+
+def test_average_at_end_puts_the_weights_average_in_the_last_checkpoint():
+    """The last epoch's end (where the checkpoint is written) already holds
+    the optimizer's average, which `fit` leaves in the model; the raw weights
+    before it differ."""
+    import keras
+
+    from tftransfer.train import AverageAtEnd
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = {}
+
+    class Weights(keras.callbacks.Callback):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen.setdefault(self.name, []).append(self.model.get_weights()[0].copy())
+
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0,
+              callbacks=[Weights("raw"), AverageAtEnd(3), Weights("checkpoint")])
+    final = model.get_weights()[0]
+    np.testing.assert_array_equal(seen["checkpoint"][-1], final)
+    assert np.abs(seen["raw"][-1] - final).max() > 1e-3
+    # Before the last epoch nothing is replaced: training goes on from the raw weights.
+    np.testing.assert_array_equal(seen["raw"][0], seen["checkpoint"][0])
+
+
+def test_fine_tuning_keeps_the_weights_average(scenes_dir):
+    """With `fine_tune_ema` the fine-tuned kernels end as the exponential
+    moving average of their values after each fine-tuning step (the first
+    step's value, then `m * average + (1 - m) * value`), not the last step's;
+    a bad momentum is refused."""
+    import keras
+    import pytest
+
+    from tftransfer import TrainConfig
+
+    data = image_folder_datasets(scenes_dir, image_size=32, batch_size=4)
+    model = build_classifier(load_backbone("vgg16", weights=None, image_size=32), 3)
+    kernel = model.get_layer("backbone").get_layer("vgg16").get_layer(
+        "block5_conv3").kernel
+    path, momenta = [], set()
+
+    class Path(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if getattr(self.model.optimizer, "use_ema", False):  # Fine-tuning.
+                path.append(kernel.numpy().copy())
+                momenta.add(self.model.optimizer.ema_momentum)
+
+    fine_tune(model, data.train, data.validation, epochs=1, fine_tune_epochs=3,
+              fine_tune_layers=4, fine_tune_learning_rate=1e-3, fine_tune_ema=0.9,
+              batch_size=4, callbacks=[Path()], verbose=0)
+    # At most 0.9, spanning at most a quarter of fine-tuning's steps.
+    assert len(path) >= 6 and momenta == {min(0.9, 1 - 4 / len(path))}
+    momentum = momenta.pop()
+    average = path[0]
+    for value in path[1:]:
+        average = momentum * average + (1 - momentum) * value
+    np.testing.assert_allclose(kernel.numpy(), average, atol=1e-6)
+    assert np.abs(path[-1] - average).max() > 1e-4  # Not the last step's.
+    with pytest.raises(ValueError, match="fine_tune_ema"):
+        TrainConfig(scenes_dir, backbone="vgg16", fine_tune_ema=1.0)

@@ -33,7 +33,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 # those in ANY_VALUE_ADDED (the warm-up was on before it was a setting).
 ADDED_SETTINGS = {"lr_decay": 1.0, "fine_tune_warmup": None, "cut": None,
                   "cut_tolerance": 0.01, "cut_layer": None,
-                  "prune_filters": None, "prune": None}
+                  "prune_filters": None, "prune": None, "fine_tune_ema": 0.0}
 ANY_VALUE_ADDED = {"fine_tune_warmup"}
 
 

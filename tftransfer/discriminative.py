@@ -58,7 +58,8 @@ def unfrozen_blocks(network: keras.Model) -> list:
 
 def discriminative_optimizer(network: keras.Model, learning_rate: float,
                              lr_decay: float,
-                             warmup_steps: int = 0) -> keras.optimizers.Optimizer:
+                             warmup_steps: int = 0,
+                             ema: float = 0.0) -> keras.optimizers.Optimizer:
     """Adam at `learning_rate` for everything but the lower unfrozen blocks of
     `network`, which get `learning_rate * lr_decay**depth`.
 
@@ -68,6 +69,8 @@ def discriminative_optimizer(network: keras.Model, learning_rate: float,
         lr_decay: Each lower block's factor, in (0, 1]. `1`: a plain Adam.
         warmup_steps: Each rate rises linearly from 0 over this many steps
             (`linear_warmup`). Defaults to `0`.
+        ema: Each Adam keeps an exponential moving average of its weights
+            with this momentum (`use_ema`), `0` for none. Defaults to `0`.
 
     Returns:
         A `keras.optimizers.MultiOptimizer`, or an `Adam` when `lr_decay`
@@ -88,17 +91,19 @@ def discriminative_optimizer(network: keras.Model, learning_rate: float,
     """
     from tftransfer.train import linear_warmup
 
+    averaged = {"use_ema": True, "ema_momentum": ema} if ema else {}
     blocks = unfrozen_blocks(network)
     if lr_decay == 1 or len(blocks) < 2:
-        return keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps))
+        return keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps),
+                                     **averaged)
     optimizers = {}
     for depth, layers in enumerate(blocks[1:], start=1):
         paths = "|".join(re.escape(v.path) for layer in layers
                          for v in layer.trainable_weights)
         optimizers[f"(?:{paths})"] = keras.optimizers.Adam(
             linear_warmup(learning_rate * lr_decay ** depth, warmup_steps),
-            name=f"adam_block_{depth}")
+            name=f"adam_block_{depth}", **averaged)
     default = keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps),
-                                    name="adam_top")
+                                    name="adam_top", **averaged)
     return keras.optimizers.MultiOptimizer(
         keras.optimizers.OptimizerMap(default, optimizers))

@@ -101,7 +101,10 @@ def distributed_fit(
         start = time.perf_counter()
         try:
             logs, steps = loop.run_epoch(train, loop.train_step)
+            # As in `fit`: `SwapEMAWeights` validates the weights' average.
+            callback_list.on_test_begin()
             validation_logs, _ = loop.run_epoch(validation, loop.test_step)
+            callback_list.on_test_end()
         except LOST_PEER_ERRORS as error:
             raise lost_worker(f"in epoch {epoch + 1}", error) from error
         logs.update({f"val_{name}": value for name, value in validation_logs.items()})

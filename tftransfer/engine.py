@@ -49,6 +49,7 @@ from tftransfer.guards import FiniteLoss
 from tftransfer.heads import STANDARDIZE
 from tftransfer.run_folder import PRUNING_REFERENCE, HistoryCSV, RunFolder
 from tftransfer.settings import (
+    FINE_TUNE_EMA,
     FINE_TUNE_LEARNING_RATE,
     FINE_TUNE_WARMUP,
     HEAD_LEARNING_RATE,
@@ -56,6 +57,7 @@ from tftransfer.settings import (
 from tftransfer.tensorboard import LOGS_FOLDER, logs_callback
 from tftransfer.timings import Timings
 from tftransfer.train import (
+    AverageAtEnd,
     compile_classifier,
     default_fine_tune_layers,
     jit_for,
@@ -70,6 +72,10 @@ RECALIBRATION_EXAMPLES = 256
 # reached. On hymenoptera (5 + 5 epochs, 80%), one run each: 0.25 gave 0.863
 # validation accuracy, 0.5 gave 0.889, 0.75 gave 0.837; unpruned 0.928.
 PRUNING_END = 0.5
+
+
+# The weights' average while fine-tuning spans at most 1 / EMA_SPANS of it.
+EMA_SPANS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +103,12 @@ class Schedule:
             Defaults to `1.0`: one rate.
         fine_tune_warmup: Fine-tuning's rate rises linearly from 0 over this
             fraction of its first epoch (`linear_warmup`). Defaults to `0.3`.
+        fine_tune_ema: Fine-tuning validates, checkpoints at its end and keeps
+            the exponential moving average of the weights with this momentum
+            per step (Keras' `use_ema`), lowered to span at most a quarter of
+            fine-tuning (`Schedule.ema`); `0` keeps the last step's. Not with
+            `prune` (an average of masked weights is not sparse). Defaults to
+            `0.95`.
         prune: Magnitude pruning of the unfrozen kernels while fine-tuning
             (`MagnitudePruning`) to this sparsity, or `None`. Defaults to
             `None`.
@@ -120,6 +132,17 @@ class Schedule:
     lr_decay: float = 1.0
     fine_tune_warmup: float = FINE_TUNE_WARMUP
     prune: Optional[float] = None
+    fine_tune_ema: float = FINE_TUNE_EMA
+
+    def ema(self, phase: str, steps: int) -> float:
+        """The momentum of the weights' average in a `phase` of `steps`
+        steps, 0 for none: `fine_tune_ema`, lowered so that the average spans
+        at most `1 / EMA_SPANS` of the phase (`1 - EMA_SPANS / steps`). At
+        0.95 an average over 8 steps would be two-thirds its first step's
+        weights, and a short fine-tuning barely seen."""
+        if phase != "fine_tune" or self.prune or not self.fine_tune_ema:
+            return 0.0
+        return max(0.0, min(self.fine_tune_ema, 1 - EMA_SPANS / max(steps, 1)))
 
     def configured_rate(self, phase: str):
         """`learning_rate` or `fine_tune_learning_rate`: a number or `"auto"`."""
@@ -198,6 +221,7 @@ class Engine:
         self.features = {}  # The head phase's validation features.
         # The learning-rate finder's results, per phase (resumed runs reuse them).
         self.found = run_folder.found_rates() if run_folder and state else {}
+        self.averaged = {}  # Per phase, the momentum of the weights' average.
         if self.workers.own_loop and "auto" in (schedule.learning_rate,
                                                 schedule.fine_tune_learning_rate):
             # Each machine would test on its own share and the steps are
@@ -649,6 +673,11 @@ class Engine:
         callbacks = [FiniteLoss(phase, rate if isinstance(rate, float) else None,
                                 "--learning-rate" if phase == "head"
                                 else "--fine-tune-learning-rate")]
+        if self.averaged.get(phase):
+            # Validation sees the average; the last epoch's checkpoint holds
+            # it, so a run killed after it exports what a whole run would.
+            callbacks += [keras.callbacks.SwapEMAWeights(),
+                          AverageAtEnd(end)]
         pruning = phase == "fine_tune" and schedule.prune
         if pruning:
             # Before the checkpoint: each epoch's checkpoint holds masked weights.
@@ -773,8 +802,21 @@ class Engine:
 
             return discriminative_optimizer(backbone_network(self.backbone),
                                             self.rate(phase), self.schedule.lr_decay,
-                                            warmup_steps=steps)
-        return keras.optimizers.Adam(linear_warmup(self.rate(phase), steps))
+                                            warmup_steps=steps,
+                                            ema=self.ema(phase, train))
+        averaged = self.ema(phase, train)
+        return keras.optimizers.Adam(linear_warmup(self.rate(phase), steps),
+                                     **({"use_ema": True, "ema_momentum": averaged}
+                                        if averaged else {}))
+
+    def ema(self, phase: str, train) -> float:
+        """The momentum of `phase`'s average of the weights (`Schedule.ema`),
+        recorded in `self.averaged`, for `train`'s batches."""
+        epochs = (self.schedule.fine_tune_epochs if phase == "fine_tune"
+                  else self.schedule.epochs)
+        momentum = self.schedule.ema(phase, epochs * self.steps_per_epoch(train))
+        self.averaged[phase] = momentum
+        return momentum
 
     def steps_per_epoch(self, train) -> int:
         """Batches in an epoch of `train`: its cardinality when known (a

@@ -102,7 +102,8 @@ def schedule_of(config: RunConfig) -> Schedule:
         config.seed, config.jit, augment=augment,
         cache_dir=(config.cache_dir or default_cache_dir()) if config.cache else None,
         verbose=config.verbose, lr_decay=config.lr_decay,
-        fine_tune_warmup=config.fine_tune_warmup, prune=getattr(config, "prune", None))
+        fine_tune_warmup=config.fine_tune_warmup, prune=getattr(config, "prune", None),
+        fine_tune_ema=config.fine_tune_ema)
 
 
 class Declaration(NamedTuple):
@@ -464,6 +465,7 @@ def _rates_summary(engine: Engine) -> dict:
         rates["fine_tune_learning_rate"] = engine.rate("fine_tune")
     return {**rates, "lr_decay": engine.schedule.lr_decay,
             "fine_tune_warmup": engine.schedule.fine_tune_warmup,
+            "fine_tune_ema": engine.averaged.get("fine_tune", 0.0),
             "learning_rate_finder": engine.found or None}
 
 

@@ -24,6 +24,8 @@ HEAD_LEARNING_RATE = 1e-2
 FINE_TUNE_LEARNING_RATE = 1e-4
 # Of the first fine-tuning epoch: see `linear_warmup` (benchmarks/RESULTS.md).
 FINE_TUNE_WARMUP = 0.3
+# Momentum of the average of the fine-tuned weights (Polyak averaging).
+FINE_TUNE_EMA = 0.95
 PRECISIONS = ("auto", "off", "float16", "bfloat16")
 JIT_SETTINGS = ("auto", "on", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
@@ -150,6 +152,12 @@ class RunConfig:
         FINE_TUNE_WARMUP, "fine-tuning's rate rises linearly from 0 over this "
         "fraction of its first epoch, so the newly unfrozen layers do not lose "
         "what the head learnt; 0: no warm-up", metavar="F", cli_type=float)
+    fine_tune_ema: float = setting(
+        FINE_TUNE_EMA, "fine-tuning validates and keeps an exponential moving "
+        "average of the weights with this momentum per step (lowered to span at "
+        "most a quarter of fine-tuning), smoothing the first epochs' swings; "
+        "0: the last step's weights (always with --prune)",
+        metavar="M", cli_type=float)
     validation_split: float = setting(
         0.2, "held-out fraction when DATA_DIR has no val/ folder", metavar="F",
         cli_type=float)
@@ -238,6 +246,11 @@ class RunConfig:
                 or not 0 <= self.fine_tune_warmup <= 1):
             raise ValueError("`fine_tune_warmup` must be a fraction of an epoch in "
                              f"[0, 1]. Received: fine_tune_warmup={self.fine_tune_warmup!r}")
+        if (isinstance(self.fine_tune_ema, bool)
+                or not isinstance(self.fine_tune_ema, (int, float))
+                or not 0 <= self.fine_tune_ema < 1):
+            raise ValueError("`fine_tune_ema` must be a momentum in [0, 1), 0 for "
+                             f"none. Received: fine_tune_ema={self.fine_tune_ema!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 f"`dropout` must be in [0, 1). Received: dropout={self.dropout}")

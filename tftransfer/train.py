@@ -18,6 +18,7 @@ import tensorflow as tf
 from tftransfer.errors import check_choice
 from tftransfer.graph import backbone_network
 from tftransfer.settings import (
+    FINE_TUNE_EMA,
     FINE_TUNE_LEARNING_RATE,
     FINE_TUNE_WARMUP,
     HEAD_LEARNING_RATE,
@@ -38,6 +39,29 @@ def compile_classifier(model: keras.Model, learning_rate: Optional[float] = None
         metrics=["accuracy"],
         jit_compile=jit_compile,
     )
+
+
+class AverageAtEnd(keras.callbacks.Callback):
+    """At the end of epoch `end`, the last, puts the optimizer's moving
+    average of the weights (`use_ema`) into the model.
+
+    Keras' `fit` does it once training is over, after the callbacks: a
+    checkpoint written at the last epoch's end would hold the raw weights,
+    and a run killed after it would serve other weights than a whole run.
+    Put it before the checkpoint's callback.
+
+    Args:
+        end: The epoch `fit` trains up to (its `epochs`).
+    """
+
+    def __init__(self, end: int):
+        super().__init__()
+        self.end = end
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.end:
+            self.model.optimizer.finalize_variable_values(
+                self.model.trainable_variables)
 
 
 def linear_warmup(learning_rate: float, steps: int):
@@ -272,6 +296,7 @@ def fine_tune(
     lr_decay: float = 1.0,
     fine_tune_warmup: float = FINE_TUNE_WARMUP,
     prune: Optional[float] = None,
+    fine_tune_ema: float = FINE_TUNE_EMA,
 ) -> keras.callbacks.History:
     """Trains a `build_classifier` model: the head first, then the backbone's top.
 
@@ -343,6 +368,10 @@ def fine_tune(
             `MagnitudePruning` schedule over the first half of fine-tuning,
             with the top's batch normalisation recalibrated after each step
             of it. Defaults to `None`: no pruning.
+        fine_tune_ema: Fine-tuning validates with, and ends on, the
+            exponential moving average of the weights with this momentum per
+            step (Keras' `use_ema` and `SwapEMAWeights`), lowered to span at
+            most a quarter of fine-tuning; `0` for the last step's weights. Not with `prune`. Defaults to `0.95`.
 
     Returns:
         A `keras.callbacks.History` over both phases: per-epoch metrics and a
@@ -398,7 +427,7 @@ def fine_tune(
                         fine_tune_learning_rate, batch_size, seed, jit,
                         augment=augmented, cache_dir=cache_dir, verbose=verbose,
                         lr_decay=lr_decay, fine_tune_warmup=fine_tune_warmup,
-                        prune=prune)
+                        prune=prune, fine_tune_ema=fine_tune_ema)
     examples = DatasetExamples({"train": train, "validation": validation}, batch_size)
     if output is None:
         engine = Engine(model, examples, schedule, callbacks=callbacks,
