@@ -69,7 +69,7 @@ def test_accuracy(run, data):
                   "--json"])[1]["accuracy"]
 
 
-def probes_and_cuts(name, data, tmp, epochs, rounds):
+def probes_and_cuts(name, data, tmp, epochs, rounds, cost_only=False):
     result = {}
     for label, backbone in BACKBONES.items():
         cache = os.path.join(tmp, f"cache-{label}")
@@ -90,7 +90,8 @@ def probes_and_cuts(name, data, tmp, epochs, rounds):
                           "ratio": round(probed["seconds"] / forward, 2)})
             print(f"  {name} {label} probe cost: {json.dumps(costs[-1])}", flush=True)
         runs = {}
-        for kind, options in (("full", []), ("cut auto", ["--cut", "auto"])):
+        for kind, options in (() if cost_only else
+                              (("full", []), ("cut auto", ["--cut", "auto"]))):
             run = os.path.join(tmp, f"{label}-{kind}".replace(" ", "-"))
             seconds, out = train(data, backbone, cache, run, "--epochs", str(epochs),
                                  *options)
@@ -154,6 +155,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cost-on", nargs="*", default=["flowers128", "cats_and_dogs"])
     parser.add_argument("--prune-on", nargs="*", default=["hymenoptera", "cats_and_dogs"])
+    parser.add_argument("--cost-only", action="store_true",
+                        help="the probe tables and costs alone (no runs)")
     args = parser.parse_args()
     results = {}
     for data_dir in args.data_dirs:
@@ -163,8 +166,8 @@ def main():
             data = held_out_layout(data_dir, os.path.join(tmp, "data"))
             rounds = args.rounds if name in args.cost_on else 1
             results[name] = {"probes": probes_and_cuts(name, data, tmp, args.epochs,
-                                                       rounds)}
-            if name in args.prune_on:
+                                                       rounds, args.cost_only)}
+            if name in args.prune_on and not args.cost_only:
                 results[name]["pruning"] = pruning(
                     name, data, tmp, os.path.join(tmp, "cache-mobilenet 0.75"))
             # Before the folder's removal, which takes minutes for the caches.

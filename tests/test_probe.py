@@ -85,8 +85,8 @@ def test_cut_latencies_come_from_one_pass_in_the_order_asked():
 
 def test_probe_runs_the_backbone_once_and_feeds_train_cut_from_the_cache(
         scenes_dir, tmp_path, monkeypatch):
-    """One pass per split serves every cut; a `train --cut` after it computes
-    no feature; the run's SavedModel and model.keras hold only the layers the
+    """One pass per split serves every cut, and each image's cuts are one
+    cache entry; a `train --cut` after it computes no feature; the run's SavedModel and model.keras hold only the layers the
     probe's table counted, and serve raw bytes with TensorFlow alone."""
     calls = []
     original = FolderExamples.outputs
@@ -101,10 +101,16 @@ def test_probe_runs_the_backbone_once_and_feeds_train_cut_from_the_cache(
     record = probe_folder(config)
     layers = [cut["layer"] for cut in record["cuts"]]
     assert layers == cut_points(load_backbone("vgg16", None, 32))
-    assert calls == [("train", len(layers)), ("validation", len(layers))]
+    assert calls == [("train", 1), ("validation", 1)]
     first = record["features"]
     assert first["train"]["hits"] == first["validation"]["hits"] == 0
     assert first["train"]["computed"] + first["validation"]["computed"] == 48
+
+    def entries():
+        return sum(name.endswith(".bin") for _, _, names in os.walk(cache_dir)
+                   for name in names)
+
+    assert entries() == 48
     assert record["cut"] == choose_cut(record["cuts"], 0.01)["layer"]
     again = probe_folder(config)
     assert again["features"]["train"] == {"hits": first["train"]["computed"],
@@ -120,6 +126,7 @@ def test_probe_runs_the_backbone_once_and_feeds_train_cut_from_the_cache(
     assert result.summary["cut"]["layer"] == "block3_pool"
     assert result.summary["features"]["computed"] == 0
     assert result.summary["features"]["hits"] == 48
+    assert entries() == 2 * 48  # The cut's own entries, copied from the probe's.
     assert result.summary["val_accuracy"] >= 0.8
     saved = keras.saving.load_model(str(run / "model.keras"))
     network = backbone_network(saved.get_layer("backbone"))

@@ -121,6 +121,15 @@ def _decode(contents: bytes) -> Optional[np.ndarray]:
     return np.frombuffer(payload, dtype).reshape(shape)
 
 
+def cache_folder(directory: str, key: dict, dtype: str = "float32") -> str:
+    """The folder `FeatureCache(directory, key, dtype)` keeps its entries in
+    (not created)."""
+    name = hashlib.sha256(
+        json.dumps({**key, "dtype": dtype}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:32]
+    return os.path.join(directory, FORMAT_VERSION, name)
+
+
 class FeatureCache:
     """Cached outputs of one network for images, keyed by file content.
 
@@ -160,10 +169,7 @@ class FeatureCache:
         check_choice("dtype", dtype, sorted(_DTYPES))
         self.key = {**key, "dtype": dtype}
         self.dtype = np.dtype(dtype)
-        name = hashlib.sha256(
-            json.dumps(self.key, sort_keys=True, default=str).encode()
-        ).hexdigest()[:32]
-        self.directory = os.path.join(directory, FORMAT_VERSION, name)
+        self.directory = cache_folder(directory, key, dtype)
         os.makedirs(self.directory, exist_ok=True)
         key_path = os.path.join(self.directory, "key.json")
         if not os.path.exists(key_path):

@@ -19,7 +19,7 @@ from typing import Optional
 
 import keras
 
-from tftransfer.cache import feature_cache_key, open_cache
+from tftransfer.cache import feature_cache_key, open_cache, store_or_drop
 from tftransfer.engine import network_identity
 from tftransfer.examples import FolderExamples
 from tftransfer.files import write_atomically
@@ -30,6 +30,7 @@ from tftransfer.probe import (
     _check_layer,
     choose_cut,
     cut_points,
+    cut_widths,
     probe_examples,
     truncate,
 )
@@ -42,20 +43,64 @@ COLUMNS = ("layer", "layers", "params", "madds", "latency_ms", "val_accuracy",
 
 
 def cache_opener(config, image_size: int):
-    """`cache_for(backbone)`: the feature cache a run of `backbone` uses, as
-    `Engine.open_cache` opens it, or `None` without a cache."""
-    from tftransfer.cache import default_cache_dir
+    """`cache_for(backbone, existing=False, **extra)`: the feature cache a run
+    of `backbone` uses, as `Engine.open_cache` opens it (`extra` joins the
+    key), or `None` without a cache; with `existing`, `None` also when the
+    cache has no folder yet."""
+    from tftransfer.cache import cache_folder, default_cache_dir
 
     directory = (config.cache_dir or default_cache_dir()) if config.cache else None
     if directory is None or getattr(config, "augment", False):
         return None
 
-    def cache_for(backbone):
+    def cache_for(backbone, existing=False, **extra):
         name, preprocessing = network_identity(backbone)
-        key = feature_cache_key(backbone, name, image_size, preprocessing)
+        key = feature_cache_key(backbone, name, image_size, preprocessing, **extra)
+        if existing and not os.path.isdir(cache_folder(directory, key)):
+            return None
         return open_cache(directory, key, verbose=config.verbose != 0)
 
     return cache_for
+
+
+def fill_cut_cache(config, backbone: keras.Model, layer: str, folder) -> int:
+    """Copies the probe's features at `layer` into the cache a run of the
+    backbone cut there reads, for each used file of `folder` the probe's
+    entries hold and that cache lacks. The probe keeps all cuts of an image
+    in one entry (`probe_examples`); a run reads its cut's alone.
+
+    Returns:
+        The entries written.
+    """
+    cache_for = cache_opener(config, int(backbone.input_shape[1]))
+    if cache_for is None:
+        return 0
+    layers = cut_points(backbone)
+    probed = cache_for(backbone, existing=True, probe_cuts=layers)
+    if probed is None:
+        return 0
+    target = cache_for(truncate(backbone, layer))
+    if target is None:
+        return 0
+    index = layers.index(layer)
+    widths = cut_widths(backbone, layers)
+    begin = sum(widths[:index])
+    written = 0
+    digests = {f.digest for split in ("train", "validation", "test")
+               for f in folder.used(split)}
+    for digest in sorted(digests):
+        if os.path.exists(target.path(digest)):
+            continue
+        joined = probed.load(digest)[0]
+        if joined is not None and joined.shape == (sum(widths),):
+            target = store_or_drop(target, digest, joined[begin:begin + widths[index]])
+            if target is None:  # The cache cannot be written: the run computes.
+                break
+            written += 1
+    if written and config.verbose != 0:
+        print(f"Features at {layer}: {written} copied from the probe's cache",
+              flush=True)
+    return written
 
 
 def probe_backbone(config: TrainConfig, backbone: keras.Model, folder) -> dict:
@@ -124,6 +169,7 @@ def cut_backbone(config, backbone: keras.Model, folder, run_folder) -> tuple:
     if not cut:
         return backbone, None
     if cut != "auto":
+        fill_cut_cache(config, backbone, cut, folder)
         return truncate(backbone, cut), {"cut": cut}
     record = _saved_probe(config, backbone, run_folder)
     if record is None:
@@ -132,6 +178,7 @@ def cut_backbone(config, backbone: keras.Model, folder, run_folder) -> tuple:
         print(f"Cut chosen when the run started: {record['cut']}", flush=True)
     cut_network = truncate(backbone, record["cut"])
     _check_fine_tune_layers(config, cut_network, record["cut"])
+    fill_cut_cache(config, backbone, record["cut"], folder)
     return cut_network, record
 
 
