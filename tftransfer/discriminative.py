@@ -89,21 +89,18 @@ def discriminative_optimizer(network: keras.Model, learning_rate: float,
     >>> sorted(round(float(o.learning_rate), 8) for o in optimizer.optimizers)
     [0.00025, 0.0005, 0.001]
     """
-    from tftransfer.train import linear_warmup
+    from tftransfer.train import warm_adam
 
-    averaged = {"use_ema": True, "ema_momentum": ema} if ema else {}
     blocks = unfrozen_blocks(network)
     if lr_decay == 1 or len(blocks) < 2:
-        return keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps),
-                                     **averaged)
+        return warm_adam(learning_rate, warmup_steps, ema)
     optimizers = {}
     for depth, layers in enumerate(blocks[1:], start=1):
         paths = "|".join(re.escape(v.path) for layer in layers
                          for v in layer.trainable_weights)
-        optimizers[f"(?:{paths})"] = keras.optimizers.Adam(
-            linear_warmup(learning_rate * lr_decay ** depth, warmup_steps),
-            name=f"adam_block_{depth}", **averaged)
-    default = keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps),
-                                    name="adam_top", **averaged)
+        optimizers[f"(?:{paths})"] = warm_adam(
+            learning_rate * lr_decay ** depth, warmup_steps, ema,
+            name=f"adam_block_{depth}")
+    default = warm_adam(learning_rate, warmup_steps, ema, name="adam_top")
     return keras.optimizers.MultiOptimizer(
         keras.optimizers.OptimizerMap(default, optimizers))

@@ -61,8 +61,8 @@ from tftransfer.train import (
     compile_classifier,
     default_fine_tune_layers,
     jit_for,
-    linear_warmup,
     unfreeze_top,
+    warm_adam,
 )
 from tftransfer.workers import Workers
 
@@ -804,10 +804,7 @@ class Engine:
                                             self.rate(phase), self.schedule.lr_decay,
                                             warmup_steps=steps,
                                             ema=self.ema(phase, train))
-        averaged = self.ema(phase, train)
-        return keras.optimizers.Adam(linear_warmup(self.rate(phase), steps),
-                                     **({"use_ema": True, "ema_momentum": averaged}
-                                        if averaged else {}))
+        return warm_adam(self.rate(phase), steps, self.ema(phase, train))
 
     def ema(self, phase: str, train) -> float:
         """The momentum of `phase`'s average of the weights (`Schedule.ema`),

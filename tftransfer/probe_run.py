@@ -63,9 +63,10 @@ def cache_opener(config, image_size: int):
     return cache_for
 
 
-def fill_cut_cache(config, backbone: keras.Model, layer: str, folder) -> int:
-    """Copies the probe's features at `layer` into the cache a run of the
-    backbone cut there reads, for each used file of `folder` the probe's
+def fill_cut_cache(config, backbone: keras.Model, cut_network: keras.Model,
+                   layer: str, folder) -> int:
+    """Copies the probe's features at `layer` into the cache a run of
+    `cut_network` (`truncate(backbone, layer)`) reads, for each used file of `folder` the probe's
     entries hold and that cache lacks. The probe keeps all cuts of an image
     in one entry (`probe_examples`); a run reads its cut's alone.
 
@@ -79,7 +80,7 @@ def fill_cut_cache(config, backbone: keras.Model, layer: str, folder) -> int:
     probed = cache_for(backbone, existing=True, probe_cuts=layers)
     if probed is None:
         return 0
-    target = cache_for(truncate(backbone, layer))
+    target = cache_for(cut_network)
     if target is None:
         return 0
     index = layers.index(layer)
@@ -169,8 +170,9 @@ def cut_backbone(config, backbone: keras.Model, folder, run_folder) -> tuple:
     if not cut:
         return backbone, None
     if cut != "auto":
-        fill_cut_cache(config, backbone, cut, folder)
-        return truncate(backbone, cut), {"cut": cut}
+        cut_network = truncate(backbone, cut)
+        fill_cut_cache(config, backbone, cut_network, cut, folder)
+        return cut_network, {"cut": cut}
     record = _saved_probe(config, backbone, run_folder)
     if record is None:
         record = probe_backbone(config, backbone, folder)
@@ -178,7 +180,7 @@ def cut_backbone(config, backbone: keras.Model, folder, run_folder) -> tuple:
         print(f"Cut chosen when the run started: {record['cut']}", flush=True)
     cut_network = truncate(backbone, record["cut"])
     _check_fine_tune_layers(config, cut_network, record["cut"])
-    fill_cut_cache(config, backbone, record["cut"], folder)
+    fill_cut_cache(config, backbone, cut_network, record["cut"], folder)
     return cut_network, record
 
 

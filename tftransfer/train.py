@@ -41,6 +41,16 @@ def compile_classifier(model: keras.Model, learning_rate: Optional[float] = None
     )
 
 
+def warm_adam(learning_rate: float, warmup_steps: int = 0, ema: float = 0.0,
+              **options) -> keras.optimizers.Adam:
+    """Adam at `learning_rate`, reached over `warmup_steps` (`linear_warmup`),
+    keeping a moving average of the weights with momentum `ema` (Keras'
+    `use_ema`; `0` for none). `options` go to `Adam` (its `name`)."""
+    if ema:
+        options.update(use_ema=True, ema_momentum=ema)
+    return keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps), **options)
+
+
 class AverageAtEnd(keras.callbacks.Callback):
     """At the end of epoch `end`, the last, puts the optimizer's moving
     average of the weights (`use_ema`) into the model.
@@ -371,7 +381,8 @@ def fine_tune(
         fine_tune_ema: Fine-tuning validates with, and ends on, the
             exponential moving average of the weights with this momentum per
             step (Keras' `use_ema` and `SwapEMAWeights`), lowered to span at
-            most a quarter of fine-tuning; `0` for the last step's weights. Not with `prune`. Defaults to `0.95`.
+            most a quarter of fine-tuning; `0` for the last step's weights.
+            Not with `prune`. Defaults to `0.95`.
 
     Returns:
         A `keras.callbacks.History` over both phases: per-epoch metrics and a
