@@ -89,11 +89,12 @@ def _format_index(contents: tf.Tensor) -> tf.Tensor:
 
 def _unsigned(data: tf.Tensor, start, count: int, order: str = "little") -> tf.Tensor:
     """The unsigned integer in `count` bytes of `data` from `start`."""
-    value = tf.constant(0, tf.int64)
-    positions = range(count) if order == "big" else reversed(range(count))
-    for i in positions:
-        value = value * 256 + data[start + i]
-    return value
+    # One slice and one dot product, not an op per byte: the ops are traced
+    # into every graph that checks a header (the folder scan's included).
+    weights = [256 ** i for i in range(count)]
+    if order == "big":
+        weights.reverse()
+    return tf.reduce_sum(data[start:start + count] * tf.constant(weights, tf.int64))
 
 
 def _signed32(data: tf.Tensor, start: int) -> tf.Tensor:
