@@ -130,9 +130,12 @@ class Interpretation:
             from_logits: The model returns logits (tftransfer's classifiers
                 do). Defaults to `True`.
         """
+        from tftransfer.heads import inference
+
+        forward = inference(model)
         outputs, labels = [], []
         for inputs, batch_labels in dataset:
-            outputs.append(np.asarray(model(inputs, training=False), "float64"))
+            outputs.append(np.asarray(forward(inputs), "float64"))
             labels.append(np.asarray(batch_labels).reshape(-1))
         outputs = (np.concatenate(outputs) if outputs
                    else np.zeros([0, len(class_names)]))
