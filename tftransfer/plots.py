@@ -31,8 +31,13 @@ def draw(plot: Callable, path: str, *args, **kwargs) -> Optional[str]:
         with warnings.catch_warnings():  # Layout advice from matplotlib.
             warnings.simplefilter("ignore")
             figure = plot(*args, **kwargs)
+            # Not bbox_inches="tight", which draws every figure twice (the
+            # constrained layout already keeps it inside its canvas), and
+            # zlib's fastest level: the two took 1.2 s of a run's 1.9 s
+            # report, for PNGs about 1.5 times larger.
             write_atomically(path, lambda stream: figure.savefig(
-                stream, format="png", dpi=DPI, bbox_inches="tight"))
+                stream, format="png", dpi=DPI,
+                pil_kwargs={"compress_level": 1}))
         return path
     except Exception as error:  # A picture is never worth a failed run.
         warnings.warn(f"Could not draw {path}: {type(error).__name__}: {error}",
