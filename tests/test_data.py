@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import last_json
 
 from tftransfer import DataError, image_folder_datasets, scan_image_folder
+from tftransfer.data import make_dataset
 
 
 def _write_jpeg(path, color=(200, 30, 30), size=24):
@@ -291,6 +292,17 @@ def test_a_name_that_is_not_utf8_is_refused(tmp_path):
     os.rename(os.path.join(data, "ok"), os.path.join(os.fsencode(data), b"caf\xe9"))
     with pytest.raises(DataError, match=r"caf\\udce9.*not UTF-8"):
         scan_image_folder(data)
+
+
+def test_a_file_name_that_is_not_utf8_is_scanned_and_decoded(tmp_path):
+    data = _class_folder(tmp_path / "data", ("ok", "fine"), 2)
+    folder = os.path.join(os.fsencode(data), b"ok")
+    os.rename(os.path.join(folder, b"ok0.jpg"), os.path.join(folder, b"caf\xe9.jpg"))
+    scanned = scan_image_folder(data, validation_split=None)
+    odd = [f for f in scanned.files if f.path.endswith("caf\udce9.jpg")]
+    assert [(f.status, f.reason) for f in odd] == [("used", "")]
+    (pixels, labels), = list(make_dataset([odd[0].path], np.zeros(1), image_size=8))
+    assert tuple(pixels.shape) == (1, 8, 8, 3) and labels.numpy().tolist() == [0]
 
 
 def test_a_link_loop_is_walked_once_and_noted(tmp_path):

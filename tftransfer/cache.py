@@ -468,7 +468,9 @@ def _ahead(items, depth: int = 2):
     file per image and output), which would otherwise stall the backbone:
     on cats_and_dogs the writes were 3 to 4 s of a 29 s pass. An error in
     `items` is raised in the caller; a caller that stops early stops the
-    thread.
+    thread and closes `items`. The thread does not inherit the caller's
+    thread-local TensorFlow context (a `strategy.scope()`, a `tf.device`):
+    `items` must not need it.
     """
     results = queue.Queue(depth)
     stop = threading.Event()
@@ -504,6 +506,9 @@ def _ahead(items, depth: int = 2):
     finally:
         stop.set()
         thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:  # A generator stopped early: its cleanup, now.
+            close()
 
 
 def _forward_batches(network, paths: list, indices: np.ndarray, image_size,

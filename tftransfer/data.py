@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -115,7 +116,9 @@ def make_dataset(
     [((2, 32, 32, 3), [0, 1]), ((2, 32, 32, 3), [2, 3]), ((1, 32, 32, 3), [4])]
     >>> shutil.rmtree(tmp)
     """
-    dataset = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+    # Paths as bytes: a file name that is not UTF-8 is still a file to read.
+    dataset = tf.data.Dataset.from_tensor_slices(
+        ([os.fsencode(p) for p in paths], labels))
     if shuffle and not keep_decoded:
         dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(

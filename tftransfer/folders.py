@@ -515,8 +515,8 @@ def _check_files(files: list, max_pixels: int, progress: bool) -> None:
     workers = min(8, (os.cpu_count() or 1) * 2)
     pending = []  # Files to decode, by their index in `files`.
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        # A chunk at a time, so that no more than a chunk of files' bytes is
-        # held, on huge folders too.
+        # A chunk at a time, so that few tasks wait on huge folders (each
+        # drops its file's bytes once hashed and sniffed).
         chunk = 64 * workers
         for start in range(0, len(files), chunk):
             batch = files[start:start + chunk]
@@ -528,34 +528,33 @@ def _check_files(files: list, max_pixels: int, progress: bool) -> None:
                     pending.append(index)
                 elif bar is not None:
                     bar.add(1)
-    decoded = {}
     if pending:
         for index, pixels, height, width in _decoded_sizes(
-                [files[i].path for i in pending], pending, max_pixels):
-            decoded[int(index)] = int(pixels), int(height), int(width)
+                [files[i].path for i in pending], pending, max_pixels, workers):
+            f = files[index]
+            if pixels > max_pixels:
+                f.status, f.reason = "skipped", _too_many(int(pixels), max_pixels)
+            elif height == 0 or width == 0:
+                f.status, f.reason = "skipped", _NO_PIXELS
+            else:
+                f.status = "used"
             if bar is not None:
                 bar.add(1)
     for index in pending:
         f = files[index]
-        if index not in decoded:  # An op failed: the one-by-one check says why.
+        if not f.status:  # An op failed: the one-by-one check says why.
             f.status, f.reason, f.image_format, f.digest = check_image_file(
                 f.path, max_pixels)
             if bar is not None:
                 bar.add(1)
-            continue
-        pixels, height, width = decoded[index]
-        if pixels > max_pixels:
-            f.status, f.reason = "skipped", _too_many(pixels, max_pixels)
-        elif height == 0 or width == 0:
-            f.status, f.reason = "skipped", _NO_PIXELS
-        else:
-            f.status = "used"
 
 
-def _decoded_sizes(paths: list, indices: list, max_pixels: int):
+def _decoded_sizes(paths: list, indices: list, max_pixels: int, workers: int):
     """Yields `(index, declared pixels, height, width)` of each file that
     decodes, in order; a file declaring more than `max_pixels` pixels is not
-    decoded (height and width -1). Files on which an op fails are left out."""
+    decoded (height and width -1). Files on which an op fails are left out.
+    At most `workers` images are decoded at once (each may take up to
+    `max_pixels` times 3 bytes)."""
 
     def check(path, index):
         contents = tf.io.read_file(path)
@@ -567,8 +566,10 @@ def _decoded_sizes(paths: list, indices: list, max_pixels: int):
             lambda: tf.constant([-1, -1]))
         return index, pixels, size[0], size[1]
 
-    dataset = (tf.data.Dataset.from_tensor_slices((paths, indices))
-               .map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    # Paths as bytes: a file name that is not UTF-8 is still a file to read.
+    dataset = (tf.data.Dataset.from_tensor_slices(([os.fsencode(p) for p in paths],
+                                                   indices))
+               .map(check, num_parallel_calls=workers)
                .ignore_errors()
                .prefetch(tf.data.AUTOTUNE))
     yield from dataset.as_numpy_iterator()

@@ -94,7 +94,9 @@ def _unsigned(data: tf.Tensor, start, count: int, order: str = "little") -> tf.T
     weights = [256 ** i for i in range(count)]
     if order == "big":
         weights.reverse()
-    return tf.reduce_sum(data[start:start + count] * tf.constant(weights, tf.int64))
+    # ensure_shape: a short slice would broadcast into a wrong value.
+    window = tf.ensure_shape(data[start:start + count], [count])
+    return tf.reduce_sum(window * tf.constant(weights, tf.int64))
 
 
 def _signed32(data: tf.Tensor, start: int) -> tf.Tensor:
