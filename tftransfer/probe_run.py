@@ -66,8 +66,8 @@ def cache_opener(config, image_size: int):
 def fill_cut_cache(config, backbone: keras.Model, cut_network: keras.Model,
                    layer: str, folder) -> int:
     """Copies the probe's features at `layer` into the cache a run of
-    `cut_network` (`truncate(backbone, layer)`) reads, for each used file of `folder` the probe's
-    entries hold and that cache lacks. The probe keeps all cuts of an image
+    `cut_network` (`truncate(backbone, layer)`) reads, for each used file of
+    `folder` the probe's entries hold and that cache lacks. The probe keeps all cuts of an image
     in one entry (`probe_examples`); a run reads its cut's alone.
 
     Returns:

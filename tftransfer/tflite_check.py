@@ -25,6 +25,7 @@ from tftransfer.errors import DataError, TransferError
 from tftransfer.export import check_destination
 from tftransfer.files import write_json_atomically
 from tftransfer.folders import ImageFolder, scan_image_folder
+from tftransfer.heads import inference
 from tftransfer.litert import LiteRTModel
 from tftransfer.settings import CALIBRATION_IMAGES, MAX_ACCURACY_DROP
 from tftransfer.tflite import read_ops, tflite_bytes, write_tflite
@@ -88,9 +89,10 @@ def check_tflite(
     ['FULLY_CONNECTED', 'MEAN', 'SOFTMAX']
     """
     lite = tflite if isinstance(tflite, LiteRTModel) else LiteRTModel(tflite)
+    forward = inference(model)
     labels, expected, answered = [], [], []
     for pixels, batch_labels in dataset:
-        logits = model(pixels, training=False)
+        logits = forward(pixels)
         expected.append(tf.nn.softmax(tf.cast(logits, tf.float32)).numpy())
         answered.append(lite.predict(pixels.numpy()))
         labels.append(np.asarray(batch_labels))
