@@ -72,6 +72,9 @@ RECALIBRATION_EXAMPLES = 256
 # reached. On hymenoptera (5 + 5 epochs, 80%), one run each: 0.25 gave 0.863
 # validation accuracy, 0.5 gave 0.889, 0.75 gave 0.837; unpruned 0.928.
 PRUNING_END = 0.5
+# `--prune` on pointwise kernels: the most refits of the kept weights
+# (`reconstruction`), each a few seconds, so the most updates of the masks.
+RECONSTRUCTIONS = 4
 
 
 # The weights' average while fine-tuning spans at most 1 / EMA_SPANS of it.
@@ -218,6 +221,7 @@ class Engine:
         self.stats = {}  # Per stage: cache hits, computed and rebuilt entries.
         self.xla = {}  # Which stage ran with XLA, for the summary.
         self.from_activations = False
+        self.reconstruction = None  # `--prune`'s last refit, if any.
         self.features = {}  # The head phase's validation features.
         # The learning-rate finder's results, per phase (resumed runs reuse them).
         self.found = run_folder.found_rates() if run_folder and state else {}
@@ -721,10 +725,17 @@ class Engine:
         """`--prune`: `MagnitudePruning` of the unfrozen backbone's kernels
         (not the head's), reaching the sparsity half-way through fine-tuning
         (`PRUNING_END`) so the second half recovers at it. Its schedule follows the
-        optimizer's step count, which a resumed run restores. After each
-        update of the masks, the unfrozen top's batch normalisation takes the
-        statistics of its pruned inputs (`recalibrate_batch_norm`), on up to
-        `RECALIBRATION_EXAMPLES` training examples."""
+        optimizer's step count, which a resumed run restores.
+
+        After each update of the masks the pruned network is brought back
+        towards the dense one, on up to `RECALIBRATION_EXAMPLES` training
+        examples: when fine-tuning runs on cached activations and every
+        pruned kernel is a pointwise one (MobileNet, EfficientNet), the kept
+        weights are refitted layer by layer to the outputs the network had
+        when this fine-tuning began (`reconstruction`), at most
+        `RECONSTRUCTIONS` times; otherwise the unfrozen top's batch
+        normalisation takes the statistics of its pruned inputs
+        (`recalibrate_batch_norm`)."""
         from tftransfer.pruning import (
             MagnitudePruning,
             prunable_kernels,
@@ -733,6 +744,7 @@ class Engine:
 
         steps = self.steps_per_epoch(train)
         total = steps * self.schedule.fine_tune_epochs
+        end = max(1, round(PRUNING_END * total))
         top = backbone_network(self.backbone).layers[-self.fine_tune_layers:]
         norms = [layer for layer in top
                  if isinstance(layer, keras.layers.BatchNormalization)]
@@ -750,15 +762,48 @@ class Engine:
             if count >= RECALIBRATION_EXAMPLES:
                 break
         sample = tf.concat(batches, 0)[:RECALIBRATION_EXAMPLES]
+        targets = self.reconstruction_targets(sample)
+        frequency = max(1, steps // 4)
+        if targets is not None:
+            frequency = max(frequency, -(-end // RECONSTRUCTIONS))
 
-        def recalibrate(sparsity):
-            if norms and sparsity > 0:
+        def bring_back(sparsity):
+            if sparsity <= 0:
+                return
+            if targets is not None:
+                errors = reconstruct(targets)
+                self.reconstruction = {
+                    "layers": [layer.name for layer in targets.layers],
+                    "sparsity": round(float(sparsity), 4),
+                    "relative_error_before": [round(e[0], 4) for e in errors],
+                    "relative_error_after": [round(e[1], 4) for e in errors]}
+            elif norms:
                 recalibrate_batch_norm(network, sample, norms)
 
-        return MagnitudePruning(self.schedule.prune, begin_step=0,
-                                end_step=max(1, round(PRUNING_END * total)),
-                                frequency=max(1, steps // 4),
-                                kernels=self.pruned_kernels, on_update=recalibrate)
+        from tftransfer.reconstruction import reconstruct
+
+        return MagnitudePruning(self.schedule.prune, begin_step=0, end_step=end,
+                                frequency=frequency, kernels=self.pruned_kernels,
+                                on_update=bring_back)
+
+    def reconstruction_targets(self, sample):
+        """The dense outputs `--prune` refits the pruned layers to
+        (`DenseTargets` of the backbone's top on `sample`, cached activations),
+        or `None` where the top does not run on them or holds a pruned kernel
+        that is not pointwise. Taken from the network as it is now: dense when
+        fine-tuning starts; a resumed run keeps the network it resumed from."""
+        from tftransfer.reconstruction import DenseTargets, reconstructable
+
+        if not self.from_activations or self.members is not None:
+            return None
+        top = self.cut()[1]
+        pruned = {id(kernel) for kernel in self.pruned_kernels}
+        layers = [layer for layer in top.layers
+                  if id(getattr(layer, "kernel", None)) in pruned]
+        if not layers or len(layers) != len(pruned) or not all(
+                reconstructable(layer) for layer in layers):
+            return None
+        return DenseTargets(top, layers, sample, seed=self.schedule.seed)
 
     def dense_reference(self) -> int:
         """The gzip size of the kernels `--prune` prunes, dense as fine-tuning

@@ -340,6 +340,7 @@ def _pruning_summary(engine: Engine, model, saved_model: str,
         "dense_kernels_gzip_bytes": engine.dense_kernels_gzip_bytes,
         "saved_model_gzip_bytes": gzip_size(saved_model),
         "tflite_gzip_bytes": tflite_bytes,
+        "reconstruction": engine.reconstruction,
     }
 
 
