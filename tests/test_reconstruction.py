@@ -7,7 +7,8 @@ import pytest
 
 from tftransfer import TrainConfig
 from tftransfer.backbones import load_backbone
-from tftransfer.graph import split_backbone
+from tftransfer.filter_pruning import prune_filters, refit_pruned_filters
+from tftransfer.graph import backbone_network, split_backbone
 from tftransfer.pruning import magnitude_mask
 from tftransfer.reconstruction import DenseTargets, reconstruct, reconstructable
 from tftransfer.run import train_run
@@ -91,3 +92,48 @@ def test_train_prune_of_mobilenet_refits_on_cached_activations(scenes_dir, tmp_p
     assert all(after <= before for before, after in zip(
         record["relative_error_before"], record["relative_error_after"]))
     assert all(abs(row["sparsity"] - 0.8) <= 0.01 for row in pruning["layers"])
+
+
+def test_narrowed_convolutions_are_refitted_to_the_full_network():
+    keras.utils.set_random_seed(0)
+    backbone = load_backbone("mobilenet", weights=None, image_size=32, alpha=0.25)
+    pruned, _ = prune_filters(backbone, 0.5, 26)
+    pixels = np.random.default_rng(0).uniform(0, 255, (64, 32, 32, 3)).astype("float32")
+    dense = backbone(pixels, training=False).numpy()
+    narrowed = pruned(pixels, training=False).numpy()
+    unchanged = {layer.name: [w.copy() for w in layer.get_weights()]
+                 for layer in backbone_network(pruned).layers}
+
+    record = refit_pruned_filters(backbone, pruned, 0.5, 26, pixels)
+
+    # The convolutions that lost input channels, not conv_pw_10 (it lost outputs only).
+    assert [row["layer"] for row in record] == ["conv_pw_11", "conv_pw_12", "conv_pw_13"]
+    for row in record:
+        assert row["relative_error_after"] < 0.8 * row["relative_error_before"], record
+    refitted = pruned(pixels, training=False).numpy()
+    assert (np.linalg.norm(refitted - dense) < 0.8 * np.linalg.norm(narrowed - dense))
+    for layer in backbone_network(pruned).layers:
+        same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(),
+                                                       unchanged[layer.name]))
+        assert same == (layer.name not in {row["layer"] for row in record}), layer.name
+
+
+def test_a_vgg_top_is_not_refitted():
+    keras.utils.set_random_seed(0)
+    backbone = load_backbone("vgg16", weights=None, image_size=32)
+    pruned, _ = prune_filters(backbone, 0.5, 4)
+    pixels = np.zeros((4, 32, 32, 3), "float32")
+    assert refit_pruned_filters(backbone, pruned, 0.5, 4, pixels) is None
+
+
+def test_train_prune_filters_refits_mobilenet_before_the_features(scenes_dir, tmp_path):
+    result = train_run(TrainConfig(
+        scenes_dir, output=str(tmp_path / "run"), backbone="mobilenet", alpha=0.25,
+        weights=None, image_size=32, epochs=1, fine_tune_epochs=1,
+        fine_tune_layers=26, prune_filters=0.5, cache_dir=str(tmp_path / "cache"),
+        report=False, verbose=0))
+    record = result.summary["filter_pruning"]["refit"]
+    assert [row["layer"] for row in record] == ["conv_pw_11", "conv_pw_12", "conv_pw_13"]
+    assert all(row["relative_error_after"] < row["relative_error_before"]
+               for row in record)
+    assert result.summary["timings"]["refit"] > 0

@@ -75,6 +75,7 @@ _EXPORTS = {
     "probe_cuts": "tftransfer.probe",
     "prune_filters": "tftransfer.filter_pruning",
     "recalibrate_batch_norm": "tftransfer.pruning",
+    "refit_pruned_filters": "tftransfer.filter_pruning",
     "register_backbone": "tftransfer.backbones",
     "scan_image_folder": "tftransfer.folders",
     "soup": "tftransfer.soup",

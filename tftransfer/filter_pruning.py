@@ -346,3 +346,68 @@ def _removed(top: list, plan: dict) -> list:
                          "filters_before": int(layer.kernel.shape[2]),
                          "filters_after": len(kept_in)})
     return rows
+
+
+def refit_pruned_filters(backbone: keras.Model, pruned: keras.Model, fraction: float,
+                         num_layers: int, images, seed: int = 0) -> Optional[list]:
+    """Refits `prune_filters`' narrowed convolutions to the backbone's outputs.
+
+    A convolution that lost input channels (the filters removed below it)
+    computes its kept outputs from less: its weights are refitted by least
+    squares so that those outputs match the unpruned backbone's on `images`
+    (`reconstruct`; ThiNet, Luo et al. 2017, and He et al. 2017 do this for
+    the same reason). Without it, half of MobileNet 0.75's unfrozen filters
+    removed cost cats_and_dogs 0.07 of test accuracy after fine-tuning.
+
+    Args:
+        backbone: The backbone `prune_filters` was given (from `load_backbone`).
+        pruned: What it returned; refitted in place.
+        fraction: The `fraction` it was given.
+        num_layers: The `num_layers` it was given.
+        images: A batch of training images for `backbone` (a few hundred).
+        seed: Chooses the positions fitted on. Defaults to `0`.
+
+    Returns:
+        One dict per refitted convolution, `{"layer", "relative_error_before",
+        "relative_error_after"}`, or `None` when nothing can be refitted (a
+        network that cannot be cut below its top, or whose narrowed
+        convolutions are not all pointwise, such as VGG16's 3x3).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from tftransfer.backbones import load_backbone
+    >>> backbone = load_backbone("mobilenet", weights=None, image_size=32,
+    ...                          alpha=0.25)
+    >>> pruned, _ = prune_filters(backbone, fraction=0.5, num_layers=26)
+    >>> pixels = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3))
+    >>> record = refit_pruned_filters(backbone, pruned, 0.5, 26,
+    ...                               pixels.astype("float32"))
+    >>> [row["layer"] for row in record]
+    ['conv_pw_11', 'conv_pw_12', 'conv_pw_13']
+    >>> all(row["relative_error_after"] < row["relative_error_before"]
+    ...     for row in record)
+    True
+    """
+    from tftransfer.graph import split_backbone
+    from tftransfer.reconstruction import DenseTargets, reconstruct, reconstructable
+
+    dense, narrow = split_backbone(backbone, num_layers), split_backbone(pruned,
+                                                                        num_layers)
+    if dense is None or narrow is None:
+        return None
+    plan = _plan(backbone_network(backbone).layers[-num_layers:], fraction)
+    names = [name for name, (kept_in, _) in plan.items()
+             if kept_in is not None and isinstance(dense[1].get_layer(name),
+                                                    keras.layers.Conv2D)]
+    layers = [dense[1].get_layer(name) for name in names]
+    if not layers or not all(reconstructable(layer) for layer in layers):
+        return None
+    activations = dense[0].predict(images, batch_size=32, verbose=0)
+    targets = DenseTargets(dense[1], layers, activations, seed=seed)
+    errors = reconstruct(targets, network=narrow[1],
+                         layers=[narrow[1].get_layer(name) for name in names],
+                         outputs=[plan[name][1] for name in names])
+    return [{"layer": name, "relative_error_before": round(before, 4),
+             "relative_error_after": round(after, 4)}
+            for name, (before, after) in zip(names, errors)]

@@ -17,6 +17,10 @@ channel the kept weights `w` minimise `|X w - y|^2 + damping |w|^2`, solved
 for all channels at once by conjugate gradients on the masked normal
 equations (each channel has its own mask).
 
+`--prune` refits after each update of its masks (the engine's
+`pruning_callback`); `--prune-filters` refits the convolutions that lost
+input channels once, before training (`refit_pruned_filters`).
+
 Only kernels that act on one position at a time are refitted (`Dense`, and
 1x1 `Conv2D`: MobileNet's and EfficientNet's pointwise convolutions, which
 hold nearly all of their weights); `reconstructable` says which.
@@ -84,20 +88,36 @@ class DenseTargets:
             self.targets.append(x @ kernel)
 
 
-def reconstruct(targets: DenseTargets) -> list:
+def reconstruct(targets: DenseTargets, network=None, layers=None,
+                outputs=None) -> list:
     """Refits the kept (non-zero) weights of each of `targets.layers`, bottom
     to top, so that its output on the pruned network's inputs matches the
     dense network's (`targets`). Zeros stay zero; biases are refitted too.
 
+    Args:
+        targets: The dense network's outputs (`DenseTargets`).
+        network: The pruned network, when it is another model than the one
+            the targets were taken from (a narrower copy, `prune_filters`).
+            Defaults to `None`: `targets.network`, pruned in place.
+        layers: `network`'s layers matching `targets.layers`, in order.
+        outputs: Per layer, the indices of the dense layer's output channels
+            that the pruned one keeps, or `None` for all. Defaults to `None`.
+
     Returns:
         Per layer, the relative error `|X w - y| / |y|` of its output before
-        and after the fit.
+        and after the fit (never worse than before: a fit that is not better
+        is not applied).
     """
+    network = network or targets.network
+    layers = list(layers or targets.layers)
+    outputs = outputs or [None] * len(layers)
     errors = []
-    for index, layer in enumerate(targets.layers):
-        (inputs,) = _layer_inputs(targets.network, [layer], targets.inputs)
+    for index, layer in enumerate(layers):
+        (inputs,) = _layer_inputs(network, [layer], targets.inputs)
         x = inputs.reshape(-1, inputs.shape[-1])[targets.rows[index]].astype(np.float64)
         y = targets.targets[index]
+        if outputs[index] is not None:
+            y = y[:, outputs[index]]
         shape = tuple(layer.kernel.shape)
         x, kernel = _with_bias(layer, x)
         mask = kernel != 0
@@ -116,7 +136,7 @@ def reconstruct(targets: DenseTargets) -> list:
 
 
 def _relative_error(x, kernel, y) -> float:
-    return float(np.linalg.norm(x @ kernel - y) / max(np.linalg.norm(y), 1e-12))
+    return float(np.linalg.norm(x @ kernel - y) / (np.linalg.norm(y) or 1.0))
 
 
 def _masked_least_squares(x, y, mask, start):
@@ -136,7 +156,7 @@ def _masked_least_squares(x, y, mask, start):
     norms = np.sum(residual * residual, 0)
     first = norms.copy()
     for _ in range(ITERATIONS):
-        if np.all(norms <= 1e-12 * np.maximum(first, 1e-30)):
+        if np.all(norms <= 1e-12 * first):  # Relative: activations may be tiny.
             break
         product = apply(direction)
         curvature = np.sum(direction * product, 0)

@@ -164,7 +164,7 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
                 narrower, narrowed = narrow_backbone(config, backbone,
                                                      measure=cut is None)
             if cut is None:
-                backbone = narrower
+                unnarrowed, backbone = backbone, narrower
     with timings.stage("scan"):
         folder, report = scan(config)
     check_data(folder, report)
@@ -173,7 +173,12 @@ def _execute(config, declare, workers, run_folder, policy) -> RunResult:
         backbone, probe = cut_backbone(config, backbone, folder, run_folder)
     if cut is not None:  # Narrowed once cut, the network trained.
         with timings.stage("build"), workers.strategy.scope():
+            unnarrowed = backbone
             backbone, narrowed = narrow_backbone(config, backbone)
+    if narrowed is not None:
+        with timings.stage("refit"):
+            narrowed["refit"] = refit_narrowed(config, unnarrowed, backbone, folder,
+                                               image_size)
     everything = FolderExamples(folder, image_size, config.batch_size, config.seed,
                                 memory_budget=0)
     settings = {**config.resume_settings(), "data": everything.fingerprint(),
@@ -303,6 +308,36 @@ def narrow_backbone(config, backbone: keras.Model, measure: bool = True) -> tupl
                     f"{record['latency_ms_before']:.1f} to "
                     f"{record['latency_ms_after']:.1f} ms per image")
     return narrowed, record
+
+
+def refit_narrowed(config, unnarrowed: keras.Model, narrowed: keras.Model,
+                   folder: ImageFolder, image_size: int) -> Optional[list]:
+    """`--prune-filters`: refits the narrowed convolutions to the unnarrowed
+    backbone's outputs on up to `RECALIBRATION_EXAMPLES` training images drawn
+    by the seed (`refit_pruned_filters`); its record, or `None` where the
+    network allows none."""
+    import numpy as np
+
+    from tftransfer.data import make_dataset
+    from tftransfer.engine import RECALIBRATION_EXAMPLES
+    from tftransfer.filter_pruning import refit_pruned_filters
+    from tftransfer.train import default_fine_tune_layers
+
+    files = folder.used("train")
+    chosen = np.random.default_rng(config.seed).permutation(len(files))
+    paths = [files[index].path for index in sorted(chosen[:RECALIBRATION_EXAMPLES])]
+    images = make_dataset(paths, np.zeros(len(paths), "int32"), image_size,
+                          config.batch_size).map(lambda pixels, _: pixels)
+    layers = config.fine_tune_layers or default_fine_tune_layers(unnarrowed)
+    record = refit_pruned_filters(unnarrowed, narrowed, config.prune_filters, layers,
+                                  images, seed=config.seed)
+    if record:
+        say(config, "Narrowed convolutions refitted to the full network's outputs "
+                    f"on {len(paths)} training images: relative error "
+                    + ", ".join(f"{row['layer']} {row['relative_error_before']:.2f} "
+                                f"to {row['relative_error_after']:.2f}"
+                                for row in record))
+    return record
 
 
 def _pruning_summary(engine: Engine, model, saved_model: str,
