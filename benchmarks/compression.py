@@ -17,12 +17,15 @@ class by file-name hash; see `fusion.held_out_layout`):
    without `--prune 0.8` (target: accuracy within 0.02, gzip of the pruned
    kernels <= 0.35x their dense size), and with `--prune-filters 0.5`
    (target: latency lower, accuracy within 0.03), the classifiers' latency
-   (batch 1) measured alternately in this process, median of 5.
+   (batch 1) measured alternately in this process, median of 5. `--seeds`
+   repeats these three runs per seed; `--prune-only` skips 1 and 2.
 
 Usage:
   KERAS_HOME=<copy of ../shared/weights/keras> python benchmarks/compression.py \
       ../shared/data/hymenoptera ../shared/data/flowers128 ../shared/data/cats_and_dogs \
       --cost-on flowers128 cats_and_dogs --prune-on hymenoptera cats_and_dogs
+  KERAS_HOME=... python benchmarks/compression.py ../shared/data/hymenoptera \
+      ../shared/data/cats_and_dogs --prune-only --seeds 0 1 2
 """
 
 import argparse
@@ -105,12 +108,13 @@ def probes_and_cuts(name, data, tmp, epochs, rounds, cost_only=False):
     return result
 
 
-def pruning(name, data, tmp, cache):
+def pruning(name, data, tmp, cache, seed=0):
     from tftransfer.probe import measure_latency  # Imports TensorFlow: late.
 
     head, fine = SCHEDULES.get(name, (3, 2))
     backbone = BACKBONES["mobilenet 0.75"]
-    schedule = ["--epochs", str(head), "--fine-tune-epochs", str(fine)]
+    schedule = ["--epochs", str(head), "--fine-tune-epochs", str(fine), "--seed",
+                str(seed)]
     runs = {}
     for kind, options in (("unpruned", []), ("prune 0.8", ["--prune", "0.8"]),
                           ("prune filters 0.5", ["--prune-filters", "0.5"])):
@@ -157,6 +161,10 @@ def main():
     parser.add_argument("--prune-on", nargs="*", default=["hymenoptera", "cats_and_dogs"])
     parser.add_argument("--cost-only", action="store_true",
                         help="the probe tables and costs alone (no runs)")
+    parser.add_argument("--prune-only", action="store_true",
+                        help="the pruning runs alone (no probes)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the pruning runs (each a round of three)")
     args = parser.parse_args()
     results = {}
     for data_dir in args.data_dirs:
@@ -165,11 +173,13 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             data = held_out_layout(data_dir, os.path.join(tmp, "data"))
             rounds = args.rounds if name in args.cost_on else 1
-            results[name] = {"probes": probes_and_cuts(name, data, tmp, args.epochs,
-                                                       rounds, args.cost_only)}
+            results[name] = {"probes": {} if args.prune_only else probes_and_cuts(
+                name, data, tmp, args.epochs, rounds, args.cost_only)}
             if name in args.prune_on and not args.cost_only:
-                results[name]["pruning"] = pruning(
-                    name, data, tmp, os.path.join(tmp, "cache-mobilenet 0.75"))
+                for seed in args.seeds:
+                    key = "pruning" if seed == args.seeds[0] else f"pruning seed {seed}"
+                    results[name][key] = pruning(
+                        name, data, tmp, os.path.join(tmp, "cache-mobilenet 0.75"), seed)
             # Before the folder's removal, which takes minutes for the caches.
             print(json.dumps({name: results[name]}), flush=True)
     for name, result in results.items():
@@ -181,9 +191,11 @@ def main():
                   f"{probed['auto']} (best {probed['best']})")
             for kind, row in probed["runs"].items():
                 print(f"    {kind:9s} val {row['val']:.4f} test {row['test']:.4f}")
-        for kind, row in result.get("pruning", {}).items():
-            print(f"  {kind:18s} val {row['val']:.4f} test {row['test']:.4f} "
-                  f"{json.dumps({k: v for k, v in row.items() if k not in ('val', 'test', 'run')})}")
+        for key in (key for key in result if key.startswith("pruning")):
+            print(f"  {key}")
+            for kind, row in result[key].items():
+                print(f"  {kind:18s} val {row['val']:.4f} test {row['test']:.4f} "
+                      f"{json.dumps({k: v for k, v in row.items() if k not in ('val', 'test', 'run')})}")
     print(json.dumps(results))
 
 

@@ -5,7 +5,9 @@ For one image folder and backbone:
   grid     the head (on cached features) trained for --epochs at each rate of
            a grid from 1e-5 to 1e-1 (half decades), from the same start; then,
            from one head trained at the default rate, the unfrozen top (on
-           cached activations) trained for --fine-tune-epochs at each rate.
+           cached activations) trained for --fine-tune-epochs at each rate,
+           with the optimizer `train` fine-tunes with (its warm-up and the
+           weights' average, validated on the average).
            The best rate has the highest final validation accuracy, ties
            (within 0.005) broken by the lower validation loss.
   finder   `lr_find` on the same features / activations, from the same start.
@@ -38,7 +40,7 @@ from tftransfer.heads import build_classifier
 from tftransfer.lr_find import FINE_TUNE_RANGE, lr_find
 from tftransfer.run import schedule_of, train_run
 from tftransfer.settings import TrainConfig
-from tftransfer.train import compile_classifier
+from tftransfer.train import compile_classifier, warm_adam
 
 GRID = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 
@@ -50,13 +52,21 @@ def best_rate(results: dict) -> float:
     return min(near, key=near.get)
 
 
-def grid(network, train, validation, start, epochs):
+def grid(network, train, validation, start, epochs, optimizer=None):
+    """Final validation accuracy and loss at each rate of `GRID`, from `start`.
+
+    `optimizer(rate)`, if given, makes the optimizer (fine-tuning's, with the
+    weights' average `train` keeps, validated on the average as `train` does).
+    """
     results = {}
     for rate in GRID:
         network.set_weights(start)
-        compile_classifier(network, rate, False)
+        compile_classifier(network, rate, False,
+                           optimizer=optimizer(rate) if optimizer else None)
+        averaged = bool(optimizer) and network.optimizer.use_ema
         history = network.fit(train, validation_data=validation, epochs=epochs,
-                              verbose=0)
+                              verbose=0, callbacks=[keras.callbacks.SwapEMAWeights()]
+                              if averaged else [])
         results[rate] = (history.history["val_accuracy"][-1],
                          history.history["val_loss"][-1])
         print(f"  {rate:g}: val_accuracy {results[rate][0]:.4f} "
@@ -109,8 +119,12 @@ def main():
     trained = model.get_weights()
     network, train, validation = engine.fine_tune_data()
     print("fine-tune grid:", flush=True)
+    # Fine-tuning's optimizer as `train` makes it: warm-up and weights' average.
+    momentum = engine.ema("fine_tune", train)
+    warmup = round(engine.schedule.fine_tune_warmup * engine.steps_per_epoch(train))
     results = grid(network, train, validation, network.get_weights(),
-                   args.fine_tune_epochs)
+                   args.fine_tune_epochs,
+                   optimizer=lambda rate: warm_adam(rate, warmup, momentum))
     model.set_weights(trained)
     found = lr_find(network, train, **FINE_TUNE_RANGE)
     report["fine_tune"] = {"grid": results, "best": best_rate(results),
