@@ -741,6 +741,7 @@ class Engine:
             prunable_kernels,
             recalibrate_batch_norm,
         )
+        from tftransfer.reconstruction import reconstruct
 
         steps = self.steps_per_epoch(train)
         total = steps * self.schedule.fine_tune_epochs
@@ -779,8 +780,6 @@ class Engine:
                     "relative_error_after": [round(e[1], 4) for e in errors]}
             elif norms:
                 recalibrate_batch_norm(network, sample, norms)
-
-        from tftransfer.reconstruction import reconstruct
 
         return MagnitudePruning(self.schedule.prune, begin_step=0, end_step=end,
                                 frequency=frequency, kernels=self.pruned_kernels,

@@ -44,7 +44,7 @@ ITERATIONS = 60
 
 def reconstructable(layer) -> bool:
     """Whether `layer`'s kernel can be refitted: a `Dense`, or a `Conv2D`
-    with a 1x1 kernel, stride 1 and no dilation."""
+    with a 1x1 kernel, stride 1 and one group."""
     if type(layer) is keras.layers.Dense:
         return True
     return (type(layer) is keras.layers.Conv2D
@@ -60,7 +60,8 @@ class DenseTargets:
 
     Args:
         network: A functional model whose graph holds `layers` (their
-            `input` and `output` tensors are taken from it).
+            inputs are taken from it; the targets are what each layer's
+            kernel and bias compute from them).
         layers: The layers to refit, bottom to top (`reconstructable`).
         inputs: A batch for `network`: a few hundred training examples.
         seed: Chooses the sampled rows. Defaults to `0`.
