@@ -42,13 +42,60 @@ def compile_classifier(model: keras.Model, learning_rate: Optional[float] = None
 
 
 def warm_adam(learning_rate: float, warmup_steps: int = 0, ema: float = 0.0,
-              **options) -> keras.optimizers.Adam:
+              adjustable: bool = False, **options) -> keras.optimizers.Adam:
     """Adam at `learning_rate`, reached over `warmup_steps` (`linear_warmup`),
     keeping a moving average of the weights with momentum `ema` (Keras'
-    `use_ema`; `0` for none). `options` go to `Adam` (its `name`)."""
+    `use_ema`; `0` for none). `adjustable`: the rate is an `AdjustableWarmup`,
+    which can change after the training step is traced. `options` go to
+    `Adam` (its `name`)."""
     if ema:
         options.update(use_ema=True, ema_momentum=ema)
-    return keras.optimizers.Adam(linear_warmup(learning_rate, warmup_steps), **options)
+    rate = (AdjustableWarmup(learning_rate, warmup_steps) if adjustable
+            else linear_warmup(learning_rate, warmup_steps))
+    return keras.optimizers.Adam(rate, **options)
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class AdjustableWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`linear_warmup`'s rate, held in variables read by the traced step.
+
+    A schedule's numbers are constants in Keras' traced training step, and
+    a new rate means a new optimizer and a new trace (about 0.8 s for
+    MobileNetV2's top). This one reads `learning_rate` and `override` (the
+    step's rate when positive) at each step, so that the learning-rate range
+    test can step through the phase's own compiled `fit` and the rate it finds
+    is set after (`lr_find_in_fit`).
+
+    Args:
+        learning_rate: The rate after the warm-up.
+        warmup_steps: Steps to rise linearly from 0 to it. Defaults to `0`.
+
+    Example:
+
+    >>> schedule = AdjustableWarmup(1e-3, warmup_steps=10)
+    >>> [round(float(schedule(step)), 6) for step in (0, 5, 10, 100)]
+    [0.0, 0.0005, 0.001, 0.001]
+    >>> _ = schedule.learning_rate.assign(2e-3)
+    >>> round(float(schedule(100)), 6)
+    0.002
+    """
+
+    def __init__(self, learning_rate: float, warmup_steps: int = 0):
+        self.warmup_steps = int(warmup_steps)
+        self.learning_rate = tf.Variable(float(learning_rate), trainable=False,
+                                         dtype=tf.float32, name="learning_rate")
+        self.override = tf.Variable(0.0, trainable=False, dtype=tf.float32,
+                                    name="learning_rate_override")
+
+    def __call__(self, step):
+        rate = tf.convert_to_tensor(self.learning_rate)
+        if self.warmup_steps > 0:
+            rate *= tf.minimum(1.0, tf.cast(step, tf.float32) / self.warmup_steps)
+        return tf.where(self.override > 0, tf.convert_to_tensor(self.override), rate)
+
+    def get_config(self) -> dict:
+        return {"learning_rate": float(self.learning_rate.numpy()),
+                "warmup_steps": self.warmup_steps}
 
 
 class AverageAtEnd(keras.callbacks.Callback):
