@@ -162,3 +162,53 @@ def test_lr_decay_slows_the_lower_blocks_and_resumes_with_it(scenes_dir, tmp_pat
     # The top block at 1e-3, the next two at 1e-5 and 1e-7.
     assert moved["block5_conv3"] > 10 * moved["block5_conv2"] > 0
     assert moved["block5_conv2"] > 10 * moved["block5_conv1"]
+
+
+def _traced_steps(model):
+    """How many times Keras traced `model`'s training step over an iterator."""
+    cells = [cell.cell_contents for cell in model.train_function.__closure__]
+    (function,) = [c for c in cells if hasattr(c, "experimental_get_tracing_count")]
+    return function.experimental_get_tracing_count()
+
+
+def test_range_test_in_fit_restores_the_optimizer_and_shares_the_trace():
+    from tftransfer.lr_find import lr_find_in_fit
+    from tftransfer.train import warm_adam
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16),
+                              keras.layers.Dense(2)])
+    optimizer = warm_adam(1e-3, warmup_steps=4, ema=0.9, adjustable=True)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=["accuracy"])
+    train = _separable()
+    before = [w.copy() for w in model.get_weights()]
+    schedule = optimizer._learning_rate
+    result = lr_find_in_fit(model, train, schedule, num_steps=30)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert int(optimizer.iterations) == 0 and float(schedule.override) == 0
+    assert all(not np.any(v.numpy()) for v in optimizer.variables
+               if "momentum" in v.path or "velocity" in v.path)
+    assert result.learning_rates[0] == pytest.approx(1e-7)
+    assert result.learning_rates[0] < result.suggested_learning_rate
+    assert _traced_steps(model) == 1
+    schedule.learning_rate.assign(result.suggested_learning_rate)
+    model.fit(train, epochs=2, verbose=0)
+    assert _traced_steps(model) == 1  # The test's trace, reused.
+    assert float(optimizer.learning_rate) == pytest.approx(
+        result.suggested_learning_rate, rel=1e-6)
+
+
+def test_auto_fine_tuning_rate_is_the_rate_trained_with(scenes_dir, tmp_path):
+    run = str(tmp_path / "run")
+    assert main(["train", scenes_dir, "--output", run, "--backbone", "vgg16",
+                 "--weights", "none", "--image-size", "32", "--epochs", "2",
+                 "--fine-tune-epochs", "2", "--fine-tune-layers", "4",
+                 "--fine-tune-learning-rate", "auto", "--json"]) == 0
+    with open(os.path.join(run, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    found = metrics["learning_rate_finder"]["fine_tune"]["suggested_learning_rate"]
+    assert 1e-6 <= found <= 0.1
+    rates = metrics["history"]["learning_rate"]
+    assert rates[-1] == pytest.approx(found, rel=1e-6)  # After the warm-up.
+    assert rates[0] == pytest.approx(metrics["learning_rate"], rel=1e-6)

@@ -406,7 +406,8 @@ class Engine:
             return
         with self.timings.stage("activations"):
             network, train, validation = self.fine_tune_data()
-        self.find_rate("fine_tune", network, train)
+        if not self.range_test_in_fit("fine_tune"):
+            self.find_rate("fine_tune", network, train)
         self.fit(network, "fine_tune", train, validation, schedule.end, self.model)
         self.backbone.trainable = False
 
@@ -661,8 +662,11 @@ class Engine:
         schedule, workers, state = self.schedule, self.workers, self.state
         # Across machines the training steps are our own, never compiled by XLA.
         compiled = not workers.own_loop and jit_for(schedule.jit, network)
-        model = self.task.training_model(network, phase, self.optimizer(phase, train),
-                                         compiled)
+        optimizer = self.optimizer(phase, train)
+        model = self.task.training_model(network, phase, optimizer, compiled)
+        if self.range_test_in_fit(phase):
+            # Keras keeps an optimizer's schedule in `_learning_rate`.
+            self.find_rate(phase, model, train, schedule=optimizer._learning_rate)
         self.xla[phase] = bool(model.jit_compile)
         # Only the same phase trained on the same model (activations or images)
         # left an optimizer state that fits.
@@ -848,7 +852,23 @@ class Engine:
                                             self.rate(phase), self.schedule.lr_decay,
                                             warmup_steps=steps,
                                             ema=self.ema(phase, train))
-        return warm_adam(self.rate(phase), steps, self.ema(phase, train))
+        return warm_adam(self.rate(phase), steps, self.ema(phase, train),
+                         adjustable=self.range_test_in_fit(phase))
+
+    def range_test_in_fit(self, phase: str) -> bool:
+        """Whether `phase`'s range test is still to run, through the phase's
+        own compiled `fit` (`lr_find_in_fit`), so that fine-tuning reuses the
+        step it traces: fine-tuning at an `"auto"` rate with a plain Adam
+        (no `--lr-decay`), on one machine, without class weights (which
+        change the batches `fit` traces) or a task's extra inputs."""
+        from tftransfer.hub import hub_layer
+
+        return (phase == "fine_tune" and phase not in self.found
+                and self.schedule.configured_rate(phase) == "auto"
+                and not self.workers.own_loop and self.class_weight is None
+                and self.task.extras("train") is None
+                and (self.schedule.lr_decay == 1
+                     or hub_layer(self.backbone) is not None))
 
     def ema(self, phase: str, train) -> float:
         """The momentum of `phase`'s average of the weights (`Schedule.ema`),
@@ -869,16 +889,25 @@ class Engine:
             return count
         return -(-self.examples.totals["train"] // self.schedule.batch_size)
 
-    def find_rate(self, phase: str, network: keras.Model, train) -> None:
+    def find_rate(self, phase: str, network: keras.Model, train,
+                  schedule=None) -> None:
         """With an `"auto"` rate, runs the range test on `network` (`lr_find`).
 
         Skipped when the rate is set, or was found before a resume. The
         finder steps on the phase's own training batches (features or
         activations when cached, so it costs seconds); the weights are put
         back. A fine-tuning rate is at most a tenth of the head's. Not
-        across machines (`Engine` refuses it there).
+        across machines (`Engine` refuses it there). With `schedule`, the
+        `AdjustableWarmup` of compiled `network`'s optimizer, the test steps
+        through `network.fit` (`lr_find_in_fit`) and the rate found is set in
+        `schedule`.
         """
-        from tftransfer.lr_find import FINE_TUNE_RANGE, lr_find, plot_record
+        from tftransfer.lr_find import (
+            FINE_TUNE_RANGE,
+            lr_find,
+            lr_find_in_fit,
+            plot_record,
+        )
 
         if self.schedule.configured_rate(phase) != "auto" or phase in self.found:
             return
@@ -887,8 +916,9 @@ class Engine:
             raise ValueError("The learning-rate finder trains on labels alone; "
                              "this task feeds more. Set the learning rate.")
         with self.timings.stage("lr_find"):
-            result = lr_find(network, train,
-                             **(FINE_TUNE_RANGE if phase == "fine_tune" else {}))
+            options = FINE_TUNE_RANGE if phase == "fine_tune" else {}
+            result = (lr_find(network, train, **options) if schedule is None
+                      else lr_find_in_fit(network, train, schedule, **options))
         record = result.record()
         suggested = result.suggested_learning_rate
         if phase == "fine_tune":
@@ -899,6 +929,8 @@ class Engine:
             record["ceiling"] = self.rate("head") / 10
             suggested = min(suggested, record["ceiling"])
         record["suggested_learning_rate"] = float(suggested)
+        if schedule is not None:
+            schedule.learning_rate.assign(suggested)
         self.found[phase] = record
         self.say(f"Suggested {phase.replace('_', '-')} learning rate: "
                  f"{record['suggested_learning_rate']:.3g} "

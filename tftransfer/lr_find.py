@@ -252,7 +252,7 @@ def lr_find_in_fit(model: keras.Model, train, schedule,
 class _RangeTest(keras.callbacks.Callback):
     """Sets each step's rate of `ramp` and stops `fit` when the loss diverges."""
 
-    def __init__(self, ramp: "_Ramp", schedule):
+    def __init__(self, ramp: _Ramp, schedule):
         super().__init__()
         self.ramp, self.schedule = ramp, schedule
 
