@@ -228,9 +228,7 @@ def lr_find_in_fit(model: keras.Model, train, schedule,
     import time
 
     started = time.perf_counter()
-    if not any(True for _ in train.take(1)):
-        raise ValueError("The range test needs training batches; the dataset "
-                         "is empty.")
+    _require_batches(train)
     ramp = _Ramp(min_learning_rate, max_learning_rate, num_steps, smoothing,
                  divergence)
     optimizer = model.optimizer
@@ -359,10 +357,15 @@ def _signature(train) -> Optional[tuple]:
         lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), part) for part in spec)
 
 
-def _cycle(dataset):
-    """The batches of `dataset`, over and over."""
+def _require_batches(dataset) -> None:
+    """Raises `ValueError` if `dataset` holds no batch."""
     if not any(True for _ in itertools.islice(iter(dataset), 1)):
         raise ValueError("The range test needs training batches; the dataset "
                          "is empty.")
+
+
+def _cycle(dataset):
+    """The batches of `dataset`, over and over."""
+    _require_batches(dataset)
     while True:
         yield from dataset
