@@ -8,8 +8,8 @@ member's features in the cache the single runs filled) and their ensemble
 no run saw: a folder's `val/` or `validation/` when it has `train/` beside it,
 else a fifth of each class (by file name hash), laid out with links.
 
-Wall time: the fusion run after the single runs against a warm rerun of the
-first single run, alternated, median of `--rounds` (target <= 1.2x).
+Wall time: the fusion run after the single runs against a warm rerun of each
+single run, alternated, median of `--rounds` (target <= 1.2x).
 
 Usage:
   KERAS_HOME=<copy of ../shared/weights/keras> python benchmarks/fusion.py \
@@ -87,15 +87,20 @@ def benchmark(data_dir: str, tmp: str, epochs: int, rounds: int) -> dict:
     rows["ensemble"] = {"val": out["val_accuracy"], "test": test_accuracy(ensemble),
                         "seconds": seconds}
     print(f"  ensemble: {json.dumps(rows['ensemble'])}", flush=True)
-    # Warm single run against the fusion (both from the cache), alternated.
-    first = next(iter(MEMBERS))
-    warm, fusion = [], []
+    # Each member's warm single run against the fusion (all from the cache),
+    # alternated.
+    warm, fusion = {name: [] for name in MEMBERS}, []
     for _ in range(rounds):
-        warm.append(train(first, MEMBERS[first], runs[first] + "-warm")[0])
-        fusion.append(train("fusion", ",".join(MEMBERS.values()), fused + "-again")[0])
-    ratios = [f / w for f, w in zip(fusion, warm)]
+        for name, backbone in MEMBERS.items():
+            warm[name].append(train(name, backbone, runs[name] + "-warm")[0])
+            if name == next(iter(MEMBERS)):
+                fusion.append(train("fusion", ",".join(MEMBERS.values()),
+                                    fused + "-again")[0])
+    ratios = {name: [f / w for f, w in zip(fusion, seconds)]
+              for name, seconds in warm.items()}
     return {"rows": rows, "warm_single_seconds": warm, "fusion_seconds": fusion,
-            "ratio_median": statistics.median(ratios), "ratios": ratios}
+            "ratio_median": {name: statistics.median(r) for name, r in ratios.items()},
+            "ratios": ratios}
 
 
 def main():
@@ -120,9 +125,11 @@ def main():
         print(f"fusion {rows['fusion']['test'] - max(singles):+.4f} and ensemble "
               f"{rows['ensemble']['test'] - max(singles):+.4f} against the better "
               f"single backbone's test accuracy; fusion run "
-              f"{result['ratio_median']:.2f}x a warm single run (median of "
-              f"{len(result['ratios'])}: {', '.join(f'{r:.2f}' for r in result['ratios'])}"
-              "; target <= 1.2)")
+              + "; ".join(f"{result['ratio_median'][member]:.2f}x a warm {member} run "
+                          f"(median of {len(ratios)}: "
+                          f"{', '.join(f'{r:.2f}' for r in ratios)})"
+                          for member, ratios in result["ratios"].items())
+              + "; target <= 1.2")
     print(json.dumps(results))
 
 
