@@ -2,17 +2,18 @@
 
 `tf.saved_model.save` pays for each variable: every traced function captures
 it, and the SaverDef (`functional_saver`, which TensorFlow Serving's loader
-restores from) gets save and restore ops for each. For MobileNet 0.75 and
-MobileNetV2 0.35 fused (398 variables, mostly batch normalisation's four per
-layer) that was 1.8 of the export's 2.8 s; for MobileNet 0.75 alone 0.8 of
-1.1 s. Packed, the SavedModel holds one variable for all of them, which its
-serving function splits back into the weights (the served latency is the
-same: MobileNet 0.75 and the fusion at batch 1, 11.8 against 11.6 ms and 15.2
-against 15.4 ms).
+restores from) gets save and restore ops for each; in a profile of the fused
+MobileNet 0.75 + MobileNetV2 0.35 classifier (398 variables, mostly batch
+normalisation's four per layer) those were about half of the export. Packed,
+the SavedModel holds one variable for all of them, which its serving function
+splits back into the weights. The whole export, first in a process: MobileNet
+0.75 1.26 s before, 0.75-0.80 s packed; the fusion 2.78 s before, 1.53-1.61 s
+packed. The served outputs and batch-1 latency are the same (11.4 against
+11.5 ms, 14.8 against 13.5 ms).
 
 Keras and TensorFlow have no such option (Keras' `ExportArchive` tracks each
 variable too), hence this module. The weights go back into the model through
-Keras' own `stateless_call`.
+a `keras.StatelessScope`, Keras' own way of running a model on given values.
 """
 
 from __future__ import annotations
@@ -93,14 +94,19 @@ class PackedWeights:
         for i, variable in enumerate(self.weights):
             if values[i] is None:
                 values[i] = tf_variable(variable)
-        count = len(self.trainable)
-        outputs, _ = self.model.stateless_call(values[:count], values[count:],
-                                               inputs, training=False)
-        return outputs
+        # Through the model's own `__call__` (not `stateless_call`, which
+        # calls `call` directly): the top level's autocast and its `training`
+        # handling stay as they are.
+        with keras.StatelessScope(list(zip(self.weights, values))):
+            return self.model(inputs, training=False)
 
     def covers(self, function) -> bool:
-        """Whether concrete `function` reads no variable but `variables`."""
-        own = {id(variable) for variable in self.variables}
+        """Whether concrete `function` reads no variable but `variables`
+        (a distributed variable's components counted as its own)."""
+        own = set()
+        for variable in self.variables:
+            own.add(id(variable))
+            own.update(id(part) for part in getattr(variable, "values", ()) or ())
         return all(id(variable) in own for variable in function.variables)
 
 
