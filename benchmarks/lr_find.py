@@ -19,8 +19,8 @@ The grid's accuracies and losses are averaged over the seeds; the best rate
 has the highest mean final validation accuracy. Printed beside it: the best
 by the earlier rule (ties within 0.005 broken by the lower mean validation
 loss), and the rates within one binomial standard error of the best mean
-accuracy on the validation images, which that sample cannot tell apart. The suggestion is the
-geometric mean of the seeds' suggestions. Prints, per phase, the ratio of
+accuracy on the validation images, which that sample cannot tell apart. The
+suggestion is the geometric mean of the seeds' suggestions. Prints, per phase, the ratio of
 suggestion to best rate (target: within a factor 3) and each seed's.
 
   cost     --rounds pairs of whole `train_run`s with the same epochs and an
@@ -176,7 +176,8 @@ def judge(phase: str, rounds: list) -> dict:
     suggested = [r[phase]["suggested"] for r in rounds]
     mean = mean_grid(grids)
     best, tied = best_rate(mean), tie_rate(mean)
-    plateau = tied_rates(mean, rounds[0][phase]["examples"])
+    examples = rounds[0][phase]["examples"]
+    plateau = tied_rates(mean, examples)
     geometric = math.exp(statistics.fmean(math.log(s) for s in suggested))
     ratio = geometric / best
     print(f"{phase}: mean grid " + ", ".join(
@@ -187,7 +188,7 @@ def judge(phase: str, rounds: list) -> dict:
           f"{ratio:.2f} ({'within' if 1 / 3 <= ratio <= 3 else 'NOT within'} 3x); "
           "per seed " + ", ".join(f"{s / best:.2f}" for s in suggested)
           + f"; by the tie rule best {tied:g}, ratio {geometric / tied:.2f}; "
-          f"within one standard error of the best ({rounds[0][phase]['examples']} "
+          f"within one standard error of the best ({examples} "
           f"validation images): {', '.join(f'{rate:g}' for rate in plateau)}",
           flush=True)
     return {"mean_grid": {str(rate): value for rate, value in mean.items()},

@@ -61,8 +61,8 @@ class PackedWeights:
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.trainable = list(model.trainable_variables)
-        self.weights = self.trainable + list(model.non_trainable_variables)
+        self.weights = (list(model.trainable_variables)
+                        + list(model.non_trainable_variables))
         groups = {}
         for index, variable in enumerate(self.weights):
             dtype = tf.as_dtype(variable.dtype)
