@@ -139,3 +139,38 @@ def test_layer_counts_match_the_networks_load_backbone_builds(name):
     built = len(backbone_network(load_backbone(name, None, size, alpha)).layers)
     assert NUM_LAYERS[spec.constructor] == built
     assert count_network_layers(name, alpha) == built
+
+
+def test_construct_loaded_creates_each_variable_holding_its_file_value(tmp_path):
+    from tftransfer.backbones import construct_loaded
+
+    options = dict(include_top=False, input_shape=(32, 32, 3), alpha=0.35)
+    reference = keras.applications.MobileNetV2(weights=None, **options)
+    rng = np.random.default_rng(0)
+    for variable in reference.variables:  # Not the initializers' values.
+        variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    path = str(tmp_path / "mobilenet_v2.weights.h5")
+    reference.save_weights(path)
+    built = construct_loaded(keras.applications.MobileNetV2, weights=path, **options)
+    assert len(built.variables) == len(reference.variables) == 260
+    for mine, theirs in zip(built.variables, reference.variables):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    pixels = rng.uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(built(pixels), reference(pixels), atol=1e-5)
+    # With no file, each variable holds its initializer's value, as built by Keras.
+    random = construct_loaded(keras.applications.MobileNetV2, weights=None, **options)
+    assert np.std(random.get_layer("Conv1").kernel.numpy()) > 0
+
+
+def test_construct_loaded_leaves_no_variable_uninitialized_when_it_fails():
+    from keras.src.backend.common import global_state
+
+    from tftransfer.backbones import construct_loaded
+
+    def failing(**options):
+        keras.layers.Dense(2).build((None, 3))
+        raise OSError("no weights file")
+
+    with pytest.raises(OSError, match="no weights file"):
+        construct_loaded(failing)
+    assert not global_state.get_global_attribute("uninitialized_variables")

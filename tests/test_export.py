@@ -61,6 +61,31 @@ def test_both_signatures_match_the_in_memory_model(classifier, tmp_path):
     assert len(saved) == len(loaded.variables)
 
 
+def test_the_export_traces_the_model_once(tmp_path):
+    """Both signatures share one trace of the model, and saving adds none
+    (a trace inside `tf.saved_model.save` would not reuse one made before)."""
+    import keras
+
+    class Counting(keras.layers.Layer):
+        traces = 0
+
+        def call(self, inputs):
+            Counting.traces += 1
+            return inputs
+
+    model = keras.Sequential([keras.Input((32, 32, 3)), Counting(),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2)])
+    Counting.traces = 0
+    path = export_saved_model(model, str(tmp_path / "sm"), ["x", "y"])
+    assert Counting.traces == 1
+    loaded = tf.saved_model.load(path)
+    pixels = tf.random.uniform([2, 40, 48, 3], 0, 255, seed=0)
+    np.testing.assert_allclose(  # Also callable as an attribute.
+        loaded.serve_pixels(pixels)["probabilities"],
+        loaded.signatures["serve_pixels"](images=pixels)["probabilities"], atol=1e-6)
+
+
 def test_saved_model_serves_with_tensorflow_alone(classifier, tmp_path):
     path = export_saved_model(classifier, str(tmp_path / "sm"), ["x", "y", "z"])
     image = tmp_path / "image.jpg"

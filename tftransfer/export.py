@@ -172,14 +172,18 @@ def export_saved_model(
             lambda pixels: model(pixels, training=False))
         for name in ("variables", "trainable_variables", "non_trainable_variables"):
             setattr(module, name, [tf_variable(v) for v in getattr(model, name)])
-    module.serving_default = serve_bytes
-    module.serve_pixels = serve_pixels
+    # Concrete functions, traced here: given the `tf.function`s, save would
+    # trace them again (and the model within), since a trace inside its save
+    # context has a cache key of its own (TensorFlow's `variable_policy`).
+    module.serving_default = serve_bytes.get_concrete_function()
+    module.serve_pixels = serve_pixels.get_concrete_function()
 
     def write(tmp_dir):
         tf.saved_model.save(
             module,
             tmp_dir,
-            signatures={"serving_default": serve_bytes, "serve_pixels": serve_pixels},
+            signatures={"serving_default": module.serving_default,
+                        "serve_pixels": module.serve_pixels},
         )
         os.makedirs(os.path.join(tmp_dir, "assets"), exist_ok=True)
         write_labels(os.path.join(tmp_dir, "assets", "labels.txt"), class_names)

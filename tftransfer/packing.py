@@ -90,7 +90,10 @@ class PackedWeights:
             sizes = [int(np.prod(self.weights[i].shape)) for i in indices]
             pieces = tf.split(self.packed[dtype], sizes)
             for i, piece in zip(indices, pieces):
-                values[i] = tf.reshape(piece, self.weights[i].shape)
+                # A vector's piece is already its shape (batch normalisation's
+                # four per layer): one graph op fewer each to trace.
+                shape = tuple(self.weights[i].shape)
+                values[i] = piece if len(shape) == 1 else tf.reshape(piece, shape)
         for i, variable in enumerate(self.weights):
             if values[i] is None:
                 values[i] = tf_variable(variable)

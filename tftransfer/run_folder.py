@@ -43,6 +43,7 @@ from tftransfer.files import (
     write_json_atomically,
 )
 from tftransfer.interpretation import PREDICTIONS_FILE
+from tftransfer.keras_files import load_model, save_model
 from tftransfer.report import REPORT_FOLDER
 from tftransfer.settings import MAX_SERVING_PIXELS
 from tftransfer.tensorboard import LOGS_FOLDER, learning_rate_of, restart_logs
@@ -319,7 +320,8 @@ class RunFolder:
         Each is written beside its place and renamed into it; the SavedModel
         refuses images declaring more than `max_pixels` pixels.
         """
-        replace_atomically(self.file("model.keras"), model.save)
+        replace_atomically(self.file("model.keras"),
+                           lambda path: save_model(model, path))
         write_labels(self.file("labels.txt"), class_names)
         return export_saved_model(model, self.file("saved_model"), class_names,
                                   overwrite=True, max_pixels=max_pixels)
@@ -376,7 +378,7 @@ def load_run_model(path: str, safe_mode: bool = True) -> keras.Model:
     if file is None:
         raise DataError(f"No model at {path}: expected a run folder or a .keras file.")
     try:
-        return keras.saving.load_model(file, compile=False, safe_mode=safe_mode)
+        return load_model(file, compile=False, safe_mode=safe_mode)
     except ValueError as error:
         if "safe_mode" not in str(error) and "safe mode" not in str(error):
             raise
