@@ -8,7 +8,8 @@ normalisation's four per layer) those were about half of the export. Packed,
 the SavedModel holds one variable for all of them, which its serving function
 splits back into the weights. The whole export, first in a process: MobileNet
 0.75 1.26 s before, 0.75-0.80 s packed; the fusion 2.78 s before, 1.53-1.61 s
-packed. The served outputs and batch-1 latency are the same (11.4 against
+packed (AVX-512; both still traced the model twice, since mended in
+`export.py`). The served outputs and batch-1 latency are the same (11.4 against
 11.5 ms, 14.8 against 13.5 ms).
 
 Keras and TensorFlow have no such option (Keras' `ExportArchive` tracks each
