@@ -38,6 +38,7 @@ def test_saving_makes_no_throwaway_layer_per_layer(tmp_path, monkeypatch):
     # Unprimed, Keras 3.15 makes 6 here, one per Layer, Functional or Sequential walked.
     assert made == []
 
+
 def test_the_file_is_keras_own(tmp_path):
     model = _model()
     model.save(tmp_path / "plain.keras")

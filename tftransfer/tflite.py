@@ -207,7 +207,9 @@ def _save_serving_function(model: keras.Model, directory: str, dtype: str) -> No
     # are read-only, and leaves every weight as a variable instead of folding
     # it into the graph (what keras.export.ExportArchive also does).
     root.variables = list(function.variables)
-    root.serve = serve
+    # The concrete function, not `serve`: save would trace a `tf.function`
+    # (and the model) again in its own context (see `export.py`).
+    root.serve = function
     tf.saved_model.save(root, directory, signatures={"serving_default": function})
 
 
