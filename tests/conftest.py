@@ -93,6 +93,25 @@ def hymenoptera_mobilenet_v2_run(tmp_path_factory):
         return data, run, json.load(file)
 
 
+def counting_model():
+    """A small image classifier whose layer `counting` counts the traces
+    made of it after it was built (`model.get_layer("counting").traces`)."""
+    import keras
+
+    class Counting(keras.layers.Layer):
+        traces = 0
+
+        def call(self, inputs):
+            Counting.traces += 1
+            return inputs
+
+    model = keras.Sequential([keras.Input((32, 32, 3)), Counting(name="counting"),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2)])
+    Counting.traces = 0
+    return model
+
+
 def last_json(stdout):
     """The JSON object on the last line of a command's stdout (`--json`)."""
     return json.loads(stdout.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from bombs import bmp_bomb, gif_bomb, jpeg_bomb, png_bomb, webp_bomb
-from conftest import last_json
+from conftest import counting_model, last_json
 
 from tftransfer import (
     build_classifier,
@@ -64,21 +64,9 @@ def test_both_signatures_match_the_in_memory_model(classifier, tmp_path):
 def test_the_export_traces_the_model_once(tmp_path):
     """Both signatures share one trace of the model, and saving adds none
     (a trace inside `tf.saved_model.save` would not reuse one made before)."""
-    import keras
-
-    class Counting(keras.layers.Layer):
-        traces = 0
-
-        def call(self, inputs):
-            Counting.traces += 1
-            return inputs
-
-    model = keras.Sequential([keras.Input((32, 32, 3)), Counting(),
-                              keras.layers.GlobalAveragePooling2D(),
-                              keras.layers.Dense(2)])
-    Counting.traces = 0
+    model = counting_model()
     path = export_saved_model(model, str(tmp_path / "sm"), ["x", "y"])
-    assert Counting.traces == 1
+    assert model.get_layer("counting").traces == 1
     loaded = tf.saved_model.load(path)
     pixels = tf.random.uniform([2, 40, 48, 3], 0, 255, seed=0)
     np.testing.assert_allclose(  # Also callable as an attribute.

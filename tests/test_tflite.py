@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import last_json
+from conftest import counting_model, last_json
 
 from tftransfer import LiteRTModel, export_checked_tflite, export_tflite
 from tftransfer.cli import main
@@ -244,20 +244,8 @@ def test_blank_calibration_fails_the_check_and_keeps_the_file(
 def test_the_conversion_traces_the_model_once(tmp_path):
     """The SavedModel handed to the converter holds the one trace made for
     it (a `tf.function` would be traced again inside `tf.saved_model.save`)."""
-    import keras
-
     from tftransfer.tflite import _save_serving_function
 
-    class Counting(keras.layers.Layer):
-        traces = 0
-
-        def call(self, inputs):
-            Counting.traces += 1
-            return inputs
-
-    model = keras.Sequential([keras.Input((32, 32, 3)), Counting(),
-                              keras.layers.GlobalAveragePooling2D(),
-                              keras.layers.Dense(2)])
-    Counting.traces = 0
+    model = counting_model()
     _save_serving_function(model, str(tmp_path / "sm"), "float32")
-    assert Counting.traces == 1
+    assert model.get_layer("counting").traces == 1
