@@ -3,6 +3,7 @@ import zipfile
 
 import keras
 import numpy as np
+import pytest
 from keras.src.layers.layer import Layer
 
 from tftransfer.keras_files import load_model, prime_skipsets, save_model
@@ -54,3 +55,42 @@ def test_the_file_is_keras_own(tmp_path):
     np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)
     for mine, theirs in zip(loaded.weights, model.weights):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_saving_deep_copies_no_config_and_restores_keras(tmp_path, monkeypatch):
+    """A nested model's config is deep-copied again at each level above it;
+    `save_model` copies none, and leaves Keras copying as before."""
+    import copy
+
+    from keras.src.models import functional, sequential
+
+    model = _model()
+    copied = []
+    deepcopy = copy.deepcopy
+
+    def counting(value, memo=None):
+        copied.append(value)
+        return deepcopy(value, memo)
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    model.save(tmp_path / "plain.keras")
+    assert len(copied) >= 2  # The outer model's config and the inner one's.
+    copied.clear()
+    save_model(model, str(tmp_path / "mine.keras"))
+    assert copied == []
+    assert functional.copy is copy and sequential.copy is copy
+    # Outside a save, a config is Keras' own copy again.
+    config = model.get_config()
+    config["layers"].clear()
+    assert model.get_config()["layers"]
+
+
+def test_a_failed_save_restores_keras_copying(tmp_path):
+    import copy
+
+    from keras.src.models import functional
+
+    model = _model()
+    with pytest.raises(ValueError):
+        save_model(model, str(tmp_path / "model.txt"))  # Not a .keras name.
+    assert functional.copy is copy
