@@ -97,19 +97,59 @@ def test_the_packed_trace_reads_no_folded_weight_and_keeps_the_outputs():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_mixed_precision_folds_in_float32_and_returns_the_layer_dtype():
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_folds_in_float32_and_returns_the_layer_dtype(policy):
     rng = np.random.default_rng(3)
     inputs = keras.Input((6, 6, 3))
-    x = keras.layers.Conv2D(4, 1, dtype="mixed_float16")(inputs)
-    x = keras.layers.BatchNormalization(dtype="mixed_float16")(x)
-    outputs = keras.layers.Activation("linear", dtype="float32")(x)
+    x = keras.layers.Conv2D(4, 1, dtype=policy)(inputs)
+    outputs = keras.layers.BatchNormalization(dtype=policy)(x)
     model = keras.Model(inputs, outputs)
     _randomise(model.layers[2], rng)
     packed = PackedWeights(model)
     function = tf.function(packed, input_signature=[tf.TensorSpec([None, 6, 6, 3])],
                            autograph=False).get_concrete_function()
     assert packed.covers(function)
-    x = rng.uniform(0, 1, (2, 6, 6, 3)).astype("float32")
-    np.testing.assert_allclose(function(tf.constant(x)), model(x, training=False),
-                               rtol=1e-2, atol=1e-2)
     assert not any(op.type == "Rsqrt" for op in function.graph.get_operations())
+    x = rng.uniform(0, 1, (2, 6, 6, 3)).astype("float32")
+    folded, plain = function(tf.constant(x)), model(x, training=False)
+    assert folded.dtype == plain.dtype == policy.replace("mixed_", "")
+    np.testing.assert_allclose(np.float32(folded), np.float32(plain),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_channels_first_normalisation_runs_folded():
+    rng = np.random.default_rng(4)
+    inputs = keras.Input((4, 5, 5))
+    x = keras.layers.BatchNormalization(axis=1)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    _randomise(model.layers[1], rng)
+    folds = {id(model.layers[1]): tuple(map(tf.constant, folded_values(model.layers[1])))}
+    x = rng.normal(size=(3, 4, 5, 5)).astype("float32")
+    np.testing.assert_allclose(run_folded(model, x, folds), model(x, training=False),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_subclassed_normalisation_or_model_is_called_as_it_is():
+    """A subclass's own `call` might do more: it is never folded or bypassed."""
+
+    class Shifted(keras.layers.BatchNormalization):
+        def call(self, inputs, training=None, mask=None):
+            return super().call(inputs, training=training) + 1.0
+
+    class Doubling(keras.Model):
+        def call(self, inputs, training=None, mask=None):
+            return 2.0 * super().call(inputs, training=training)
+
+    rng = np.random.default_rng(5)
+    inner_in = keras.Input((3,))
+    inner = Doubling(inner_in, keras.layers.BatchNormalization()(inner_in))
+    inputs = keras.Input((3,))
+    outputs = inner(Shifted()(inputs))
+    model = keras.Model(inputs, outputs)
+    assert foldable_batch_norms(model) == []
+    packed = PackedWeights(model)
+    function = tf.function(packed, input_signature=[tf.TensorSpec([None, 3])],
+                           autograph=False).get_concrete_function()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    np.testing.assert_allclose(function(tf.constant(x)), model(x, training=False),
+                               rtol=1e-5, atol=1e-5)

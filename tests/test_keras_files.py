@@ -79,10 +79,8 @@ def test_saving_deep_copies_no_config_and_restores_keras(tmp_path, monkeypatch):
     save_model(model, str(tmp_path / "mine.keras"))
     assert copied == []
     assert functional.copy is copy and sequential.copy is copy
-    # Outside a save, a config is Keras' own copy again.
-    config = model.get_config()
-    config["layers"].clear()
-    assert model.get_config()["layers"]
+    model.save(tmp_path / "again.keras")
+    assert len(copied) >= 2  # Outside a save, Keras copies again.
 
 
 def test_a_failed_save_restores_keras_copying(tmp_path):

@@ -56,8 +56,9 @@ def export_saved_model(
     `assets/labels.txt` holds the class names, one per line. The SavedModel loads
     with `tf.saved_model.load` and TensorFlow Serving; tftransfer is not needed.
     It is for serving: its `variables` hold the model's weights packed
-    (`tftransfer.packing`), which makes the export about 40% faster;
-    `model.keras` is the file to train on from. A model whose layers keep
+    (`tftransfer.packing`), which makes the export about 40% faster, each
+    batch normalisation layer as the scale and offset it applies at inference
+    (`tftransfer.folding`); `model.keras` is the file to train on from. A model whose layers keep
     variables Keras does not manage (a TF-Hub backbone's) is saved with one
     variable per weight, in `variables`, `trainable_variables` and
     `non_trainable_variables`.
@@ -159,9 +160,9 @@ def export_saved_model(
     # tf.train.Checkpoint takes any attribute, so the loaded object keeps the
     # `variables` lists (a tf.Module's are read-only properties).
     module = tf.train.Checkpoint()
-    packed = PackedWeights(model)
-    serve, serve_bytes, serve_pixels = signatures(packed)
     try:
+        packed = PackedWeights(model)
+        serve, serve_bytes, serve_pixels = signatures(packed)
         covered = packed.covers(serve.get_concrete_function())
     except Exception:  # A model that cannot run on given values: unpacked.
         covered = False

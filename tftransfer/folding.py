@@ -28,14 +28,25 @@ import tensorflow as tf
 
 
 def _graph(layer) -> Optional[keras.Model]:
-    """The functional graph `layer` runs, or `None` (a plain layer)."""
+    """The functional graph `layer` runs, or `None` (a plain layer, or a
+    model subclass whose own `call` might do more than run its graph)."""
     from keras.src.models.functional import Functional
 
     if isinstance(layer, keras.Sequential):
+        if type(layer).call is not keras.Sequential.call:
+            return None
         layer = getattr(layer, "_functional", None)
-    if isinstance(layer, Functional) and hasattr(layer, "_run_through_graph"):
+    if (isinstance(layer, Functional) and type(layer).call is Functional.call
+            and hasattr(layer, "_run_through_graph")):
         return layer
     return None
+
+
+def _is_plain_batch_norm(layer) -> bool:
+    """A `BatchNormalization` computing what Keras' does: a subclass might
+    add to it."""
+    return (isinstance(layer, keras.layers.BatchNormalization)
+            and type(layer).call is keras.layers.BatchNormalization.call)
 
 
 def foldable_batch_norms(model: keras.Model) -> list:
@@ -48,7 +59,7 @@ def foldable_batch_norms(model: keras.Model) -> list:
             continue
         seen.add(id(graph))
         for operation in graph.operations:
-            if isinstance(operation, keras.layers.BatchNormalization):
+            if _is_plain_batch_norm(operation):
                 if operation.built and id(operation) not in seen:
                     seen.add(id(operation))
                     found.append(operation)
@@ -87,23 +98,34 @@ def run_folded(model: keras.Model, inputs, folds: dict):
         return outputs[0] if isinstance(outputs, (list, tuple)) and len(
             outputs) == 1 else outputs
 
+    def first(args, kwargs):  # The input, however the node passed it.
+        return args[0] if args else kwargs["inputs"]
+
     def wrap(operation):
         if id(operation) in folds:
-            return lambda x, *args, **kwargs: _affine(operation, x,
-                                                      *folds[id(operation)])
+            return lambda *args, **kwargs: _affine(
+                operation, first(args, kwargs), *folds[id(operation)])
         graph = _graph(operation)
         if graph is not None:
-            return lambda values, *args, **kwargs: run(graph, values)
+            return lambda *args, **kwargs: run(graph, first(args, kwargs))
         return operation_fn(operation, training=False)
 
     return run(_graph(model), inputs)
 
 
 def _affine(layer, x, scale, offset):
+    from keras.src.backend import get_keras_mask, set_keras_mask
+
     axis = layer.axis if layer.axis >= 0 else len(x.shape) + layer.axis
     if axis != len(x.shape) - 1:  # Channels first: broadcast along `axis`.
         shape = [1] * len(x.shape)
         shape[axis] = -1
         scale, offset = tf.reshape(scale, shape), tf.reshape(offset, shape)
-    y = tf.cast(x, tf.float32) * scale + offset
-    return tf.cast(y, layer.compute_dtype)
+    # As Keras' layer: at least float32 within, the layer's dtype out.
+    dtype = keras.backend.result_type(x.dtype, "float32")
+    y = tf.cast(x, dtype) * tf.cast(scale, dtype) + tf.cast(offset, dtype)
+    y = tf.cast(y, layer.compute_dtype)
+    mask = get_keras_mask(x)
+    if mask is not None:  # Carried on, as the layer's `__call__` would.
+        set_keras_mask(y, mask)
+    return y

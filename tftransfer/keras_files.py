@@ -20,6 +20,7 @@ config it is given, so `save_model` skips them (`_configs_uncopied`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import types
 
@@ -47,7 +48,7 @@ def prime_skipsets() -> None:
             global_state.set_global_attribute(key, get_attr_skipset(kind))
 
 
-_uncopied = threading.Lock()
+_uncopied = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -67,7 +68,8 @@ def _configs_uncopied():
     modules = (functional, sequential)
     with _uncopied:
         originals = [module.copy for module in modules]
-        uncopied = types.SimpleNamespace(deepcopy=lambda value, memo=None: value)
+        uncopied = types.SimpleNamespace(**vars(copy))  # `copy`, but for:
+        uncopied.deepcopy = lambda value, memo=None: value
         for module in modules:
             module.copy = uncopied
         try:
