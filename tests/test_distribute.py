@@ -353,23 +353,25 @@ def test_two_workers_train_one_model_on_hymenoptera(tmp_path):
     assert labels.count("bees") >= 6
 
 
-@pytest.mark.shared
-def test_killed_workers_resume_from_the_chiefs_checkpoint(tmp_path):
-    data = shared_path("data", "hymenoptera")
+def test_killed_workers_resume_from_the_chiefs_checkpoint(scenes_dir, tmp_path):
     run = tmp_path / "run"
     history = run / "history.csv"
-    processes = _start_workers(str(run), data, "--epochs", "8")
+    # Fine-tuning epochs: slow enough (the top on activations) to land in.
+    args = ("--epochs", "2", "--fine-tune-epochs", "6", "--fine-tune-layers", "2",
+            "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"))
+    model = ("--backbone", "vgg16", "--weights", "none", "--image-size", "32")
+    processes = _start_workers(str(run), scenes_dir, *args, model=model)
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in processes):
-        if history.exists() and len(history.read_text().splitlines()) >= 3:
+        if history.exists() and len(history.read_text().splitlines()) >= 4:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     for process in processes:
         process.kill()
         process.wait()
     done = len(history.read_text().splitlines()) - 1
-    assert 2 <= done < 8, "the kill should land mid-run"
-    outputs = _finish(_start_workers(str(run), data, "--epochs", "8"))
+    assert 3 <= done < 8, "the kill should land mid-run"
+    outputs = _finish(_start_workers(str(run), scenes_dir, *args, model=model))
     resumed = set()
     for code, stdout, stderr in outputs:
         assert code == 0, stderr[-3000:]
@@ -397,7 +399,7 @@ def test_a_terminated_worker_stops_the_others_and_all_resume(scenes_dir, tmp_pat
     history = run / "history.csv"
     model = ("--backbone", "vgg16", "--weights", "none", "--image-size", "32")
     # Fine-tuning epochs: slow enough (the top on activations) to land in.
-    args = ("--epochs", "2", "--fine-tune-epochs", "14", "--fine-tune-layers", "2",
+    args = ("--epochs", "2", "--fine-tune-epochs", "8", "--fine-tune-layers", "2",
             "--batch-size", "8", "--no-report")
     chief, worker = _start_workers(str(run), scenes_dir, *args, model=model)
     deadline = time.time() + 300
@@ -415,13 +417,13 @@ def test_a_terminated_worker_stops_the_others_and_all_resume(scenes_dir, tmp_pat
     assert "Start every worker again with the same command" in chief_err
     assert time.time() - stopped < 60
     done = len(history.read_text().splitlines()) - 1
-    assert 3 <= done < 16, "the signal should land mid-run"
+    assert 3 <= done < 10, "the signal should land mid-run"
     outputs = _finish(_start_workers(str(run), scenes_dir, *args, model=model))
     for code, stdout, stderr in outputs:
         assert code == 0, stderr[-3000:]
         assert last_json(stdout)["resumed_from_epoch"] in (done, done - 1)
     epochs = [row.split(",")[0] for row in history.read_text().splitlines()[1:]]
-    assert epochs == [str(e) for e in range(1, 17)]
+    assert epochs == [str(e) for e in range(1, 11)]
 
 
 @pytest.mark.shared
@@ -442,7 +444,7 @@ def test_a_cluster_with_a_chief_task_trains_one_model(scenes_dir, tmp_path):
     outputs = []
     for code, stdout, stderr in _finish(_start_workers(
             run, scenes_dir, "--epochs", "15", "--learning-rate", "0.01",
-            "--fine-tune-epochs", "1", chief_job=True,
+            "--fine-tune-epochs", "1", "--fine-tune-layers", "2", chief_job=True,
             model=("--backbone", "vgg16", "--weights", "none", "--image-size", "32"))):
         assert code == 0, stderr[-3000:]
         outputs.append(last_json(stdout))
@@ -479,7 +481,8 @@ def test_two_workers_distil_one_student(trained_run, scenes_dir, tmp_path):
     outputs = []
     for code, stdout, stderr in _finish(_start_workers(
             run, scenes_dir, "--epochs", "15", "--learning-rate", "0.01",
-            "--fine-tune-epochs", "1", model=student, command="distill")):
+            "--fine-tune-epochs", "1", "--fine-tune-layers", "2", model=student,
+            command="distill")):
         assert code == 0, stderr[-3000:]
         outputs.append(last_json(stdout))
     chief, worker = outputs

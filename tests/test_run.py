@@ -28,6 +28,10 @@ from tftransfer.files import recover_interrupted
 
 TINY = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32",
         "--learning-rate", "0.01"]
+# Fine-tuning VGG16's top convolution alone: its default top three take
+# 2.36 M weights each through a training step, which at 32 px on a CPU is
+# most of a killed-and-resumed run's time and tests nothing more.
+TOP = ["--fine-tune-layers", "2"]
 
 
 def _epochs(run_dir):
@@ -130,7 +134,7 @@ def _resumed(args, capsys):
 def test_killed_run_resumes_and_records_each_epoch_once(scenes_dir, tmp_path, capsys):
     run = str(tmp_path / "run")
     args = ["train", scenes_dir, "--output", run, *TINY, "--epochs", "3",
-            "--fine-tune-epochs", "4", "--cache-dir", str(tmp_path / "cache")]
+            "--fine-tune-epochs", "4", *TOP, "--cache-dir", str(tmp_path / "cache")]
     done = _kill_in_fine_tuning(args, run)
     _assert_default_modes(run)  # the checkpoint, history, report
 
@@ -203,7 +207,7 @@ def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_
                                                                  monkeypatch):
     config = TrainConfig(scenes_dir, output=str(tmp_path / "run"), backbone="vgg16",
                          weights=None, image_size=32, epochs=10, fine_tune_epochs=3,
-                         fine_tune_layers=4, learning_rate=0.01,
+                         fine_tune_layers=2, learning_rate=0.01,
                          cache_dir=str(tmp_path / "cache"), verbose=0)
     passes = _count_backbone_passes(monkeypatch)
     summary = train_run(config).summary
@@ -219,7 +223,7 @@ def test_fine_tuning_from_cached_activations_matches_the_export(scenes_dir, tmp_
     changed = [not all(np.array_equal(a, b) for a, b in
                        zip(x.get_weights(), y.get_weights()))
                for x, y in zip(initial.layers, trained.layers)]
-    assert not any(changed[:-4]) and any(changed[-4:])
+    assert not any(changed[:-2]) and any(changed[-2:])
 
     report = json.load(open(os.path.join(summary["run_dir"], "data_report.json")))
     validation = [f for f in report["files"] if f["split"] == "validation"
@@ -251,7 +255,7 @@ def test_without_a_cache_activations_spill_to_a_folder_removed_after(
     passes = _count_backbone_passes(monkeypatch)
     config = TrainConfig(scenes_dir, output=str(tmp_path / "run"), backbone="vgg16",
                          weights=None, image_size=32, epochs=2, fine_tune_epochs=1,
-                         fine_tune_layers=4, cache=False)
+                         fine_tune_layers=2, cache=False)
     summary = train_run(config).summary
     said = capsys.readouterr().out
     assert "the features are kept in memory (" in said
@@ -301,7 +305,7 @@ def test_killed_distillation_resumes_and_records_each_epoch_once(
     run = str(tmp_path / "student")
     args = ["distill", scenes_dir, "--teacher", trained_run, "--output", run,
             "--student", "vgg16", "--weights", "none", "--learning-rate", "0.01",
-            "--epochs", "3", "--fine-tune-epochs", "4",
+            "--epochs", "3", "--fine-tune-epochs", "4", *TOP,
             "--cache-dir", str(tmp_path / "cache")]
     done = _kill_in_fine_tuning(args, run)
 
@@ -358,8 +362,8 @@ def test_xla_on_trains_every_stage_compiled(scenes_dir, tmp_path):
     summaries = {
         jit: train_run(TrainConfig(
             scenes_dir, output=str(tmp_path / jit), backbone="vgg16", weights=None,
-            image_size=32, epochs=15, fine_tune_epochs=1, learning_rate=0.01,
-            jit=jit, cache_dir=str(tmp_path / "cache"), verbose=0)).summary
+            image_size=32, epochs=15, fine_tune_epochs=1, fine_tune_layers=2,
+            learning_rate=0.01, jit=jit, cache_dir=str(tmp_path / "cache"), verbose=0)).summary
         for jit in ("on", "off")
     }
     assert summaries["on"]["xla"] == {"forward": True, "head": True, "fine_tune": True}
@@ -385,7 +389,7 @@ def test_a_signal_stops_at_once_keeping_every_finished_epoch(scenes_dir, tmp_pat
                                                              capsys, signum):
     run = str(tmp_path / "run")
     args = ["train", scenes_dir, "--output", run, *TINY, "--epochs", "3",
-            "--fine-tune-epochs", "4", "--cache-dir", str(tmp_path / "cache")]
+            "--fine-tune-epochs", "4", *TOP, "--cache-dir", str(tmp_path / "cache")]
     process = _start(*args)
     history = os.path.join(run, "history.csv")
     out = _kill_when(process, lambda: os.path.exists(history)
