@@ -419,12 +419,18 @@ class Engine:
         the whole model on the images.
         """
         if self.members is None:
-            unfreeze_top(self.backbone, self.fine_tune_layers)
+            tops = [(self.backbone, self.fine_tune_layers)]
         else:  # The top of each member.
             self.backbone.trainable = True
-            for member in self.members:
-                unfreeze_top(member, self.schedule.fine_tune_layers
-                             or default_fine_tune_layers(member))
+            tops = [(member, self.schedule.fine_tune_layers
+                     or default_fine_tune_layers(member)) for member in self.members]
+        for network, count in tops:
+            if unfreeze_top(network, count) == 0:
+                self.say(f"warning: the top {count} layers of "
+                         f"{backbone_network(network).name} hold no weights to train "
+                         "(pooling, batch normalisation): fine-tuning trains the head "
+                         "alone. Unfreeze more layers (--fine-tune-layers, "
+                         "fine_tune_layers=).")
         caches = self.activations()
         if caches is None:
             return self.model, self.images("train", shuffle=True), self.images(
