@@ -306,7 +306,7 @@ def test_distill_command_under_float16_keeps_a_float32_head(trained_run, scenes_
     # its steps must reach the unfrozen top (none skipped for overflow) and only
     # it. (Random VGG16 weights make the fine-tuned accuracy meaningless, in
     # float32 as well, so it is not asserted.)
-    assert main([*args, "--fine-tune-epochs", "1", "--fine-tune-layers", "2",
+    assert main([*args, "--fine-tune-epochs", "1", "--fine-tune-layers", "3",
                  "--output", str(tmp_path / "fine_tuned")]) == 0
     tuned = last_json(capsys.readouterr().out)
     assert tuned["dtype_policy"] == "mixed_float16"
@@ -336,7 +336,7 @@ def test_distill_command_under_xla(trained_run, scenes_dir, tmp_path, capsys):
     the Distiller's own train_step in both phases, and the student still learns."""
     assert main(["distill", scenes_dir, "--teacher", trained_run, "--student",
                  "vgg16", "--weights", "none", "--epochs", "15", "--learning-rate",
-                 "0.01", "--fine-tune-epochs", "1", "--fine-tune-layers", "2",
+                 "0.01", "--fine-tune-epochs", "1", "--fine-tune-layers", "3",
                  "--jit", "on", "--json",
                  "--output", str(tmp_path / "xla")]) == 0
     summary = last_json(capsys.readouterr().out)
@@ -352,7 +352,7 @@ def test_distill_command_under_mirrored_strategy(trained_run, scenes_dir, tmp_pa
                                                  capsys, monkeypatch):
     args = ["distill", scenes_dir, "--teacher", trained_run, "--student", "vgg16",
             "--weights", "none", "--epochs", "15", "--learning-rate", "0.01"]
-    assert main([*args, "--fine-tune-epochs", "1", "--fine-tune-layers", "2",
+    assert main([*args, "--fine-tune-epochs", "1", "--fine-tune-layers", "3",
                  "--strategy", "mirrored", "--json",
                  "--output", str(tmp_path / "mirrored")]) == 0
     summary = last_json(capsys.readouterr().out)
@@ -381,7 +381,7 @@ def test_distill_without_a_cache_spills_activations_for_the_run(trained_run, sce
     logits."""
     assert main(["distill", scenes_dir, "--teacher", trained_run, "--student",
                  "vgg16", "--weights", "none", "--epochs", "15", "--learning-rate",
-                 "0.01", "--fine-tune-epochs", "2", "--fine-tune-layers", "2",
+                 "0.01", "--fine-tune-epochs", "2", "--fine-tune-layers", "3",
                  "--no-cache", "--json", "--output", str(tmp_path / "run")]) == 0
     summary = last_json(capsys.readouterr().out)
     spilled = summary["fine_tune_activations"]

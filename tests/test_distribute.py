@@ -357,7 +357,7 @@ def test_killed_workers_resume_from_the_chiefs_checkpoint(scenes_dir, tmp_path):
     run = tmp_path / "run"
     history = run / "history.csv"
     # Fine-tuning epochs: slow enough (the top on activations) to land in.
-    args = ("--epochs", "2", "--fine-tune-epochs", "6", "--fine-tune-layers", "2",
+    args = ("--epochs", "2", "--fine-tune-epochs", "6", "--fine-tune-layers", "3",
             "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"))
     model = ("--backbone", "vgg16", "--weights", "none", "--image-size", "32")
     processes = _start_workers(str(run), scenes_dir, *args, model=model)
@@ -444,7 +444,7 @@ def test_a_cluster_with_a_chief_task_trains_one_model(scenes_dir, tmp_path):
     outputs = []
     for code, stdout, stderr in _finish(_start_workers(
             run, scenes_dir, "--epochs", "15", "--learning-rate", "0.01",
-            "--fine-tune-epochs", "1", "--fine-tune-layers", "2", chief_job=True,
+            "--fine-tune-epochs", "1", "--fine-tune-layers", "3", chief_job=True,
             model=("--backbone", "vgg16", "--weights", "none", "--image-size", "32"))):
         assert code == 0, stderr[-3000:]
         outputs.append(last_json(stdout))
@@ -481,7 +481,7 @@ def test_two_workers_distil_one_student(trained_run, scenes_dir, tmp_path):
     outputs = []
     for code, stdout, stderr in _finish(_start_workers(
             run, scenes_dir, "--epochs", "15", "--learning-rate", "0.01",
-            "--fine-tune-epochs", "1", "--fine-tune-layers", "2", model=student,
+            "--fine-tune-epochs", "1", "--fine-tune-layers", "3", model=student,
             command="distill")):
         assert code == 0, stderr[-3000:]
         outputs.append(last_json(stdout))

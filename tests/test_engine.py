@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
 
     history = tftransfer.fine_tune(
         model, data.train, data.validation, epochs=3, fine_tune_epochs=4,
-        fine_tune_layers=2, callbacks=[Slow()], output=output, cache_dir=cache_dir,
+        fine_tune_layers=3, callbacks=[Slow()], output=output, cache_dir=cache_dir,
         overwrite=overwrite == "1", class_names=data.class_names, verbose=0)
     loss, accuracy = model.evaluate(data.validation, verbose=0)
     print(json.dumps({"phase": history.history["phase"],

@@ -93,7 +93,7 @@ def test_lr_find_command_for_both_phases(scenes_dir, tmp_path, capsys):
         head["learning_rates"])
     plot = str(tmp_path / "fine.png")
     assert main(["lr-find", scenes_dir, *options, "--phase", "fine-tune",
-                 "--fine-tune-layers", "2", "--plot", plot]) == 0
+                 "--fine-tune-layers", "3", "--plot", plot]) == 0
     out = capsys.readouterr().out
     fine = last_json(out)
     assert fine["phase"] == "fine_tune" and os.path.isfile(plot)
@@ -203,7 +203,7 @@ def test_auto_fine_tuning_rate_is_the_rate_trained_with(scenes_dir, tmp_path):
     run = str(tmp_path / "run")
     assert main(["train", scenes_dir, "--output", run, "--backbone", "vgg16",
                  "--weights", "none", "--image-size", "32", "--epochs", "2",
-                 "--fine-tune-epochs", "2", "--fine-tune-layers", "2",
+                 "--fine-tune-epochs", "2", "--fine-tune-layers", "3",
                  "--fine-tune-learning-rate", "auto", "--json"]) == 0
     with open(os.path.join(run, "metrics.json")) as handle:
         metrics = json.load(handle)

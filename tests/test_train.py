@@ -97,7 +97,7 @@ def test_fine_tuning_rate_warms_up_linearly_over_a_fraction_of_an_epoch(scenes_d
             rates.append(float(self.model.optimizer.learning_rate))
 
     fine_tune(model, data.train, data.validation, epochs=1, fine_tune_epochs=2,
-              fine_tune_layers=4, fine_tune_learning_rate=1e-3,
+              fine_tune_layers=3, fine_tune_learning_rate=1e-3,
               fine_tune_warmup=0.5, batch_size=4, callbacks=[Rates()], verbose=0)
     warmup = round(0.5 * steps)
     head, tuned = rates[:steps], rates[steps:]
@@ -169,7 +169,7 @@ def test_fine_tuning_keeps_the_weights_average(scenes_dir):
                 momenta.add(self.model.optimizer.ema_momentum)
 
     fine_tune(model, data.train, data.validation, epochs=1, fine_tune_epochs=3,
-              fine_tune_layers=4, fine_tune_learning_rate=1e-3, fine_tune_ema=0.9,
+              fine_tune_layers=3, fine_tune_learning_rate=1e-3, fine_tune_ema=0.9,
               batch_size=4, callbacks=[Path()], verbose=0)
     # At most 0.9, spanning at most a quarter of fine-tuning's steps.
     assert len(path) >= 6 and momenta == {min(0.9, 1 - 4 / len(path))}
