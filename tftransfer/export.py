@@ -58,10 +58,10 @@ def export_saved_model(
     It is for serving: its `variables` hold the model's weights packed
     (`tftransfer.packing`), which makes the export about 40% faster, each
     batch normalisation layer as the scale and offset it applies at inference
-    (`tftransfer.folding`); `model.keras` is the file to train on from. A model whose layers keep
-    variables Keras does not manage (a TF-Hub backbone's) is saved with one
-    variable per weight, in `variables`, `trainable_variables` and
-    `non_trainable_variables`.
+    (`tftransfer.folding`); `model.keras` is the file to train on from. A
+    model whose layers keep variables Keras does not manage (a TF-Hub
+    backbone's) is saved with one variable per weight, in `variables`,
+    `trainable_variables` and `non_trainable_variables`.
 
     Args:
         model: A classifier taking square images of pixels in 0..255 and

@@ -72,15 +72,13 @@ def folded_values(layer: keras.layers.BatchNormalization) -> tuple:
     """`(scale, offset)`, float32 vectors, with which `x * scale + offset` is
     what the inference-mode `layer` computes of `x`."""
 
-    def value(variable, default):
+    def value(variable, unused=None):  # `gamma`, `beta`: None when unused.
         if variable is None:
-            return np.full(layer.moving_mean.shape, default, np.float64)
+            return unused
         return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
 
-    mean = value(layer.moving_mean, 0.0)
-    variance = value(layer.moving_variance, 1.0)
-    gamma = value(layer.gamma if layer.scale else None, 1.0)
-    beta = value(layer.beta if layer.center else None, 0.0)
+    mean, variance = value(layer.moving_mean), value(layer.moving_variance)
+    gamma, beta = value(layer.gamma, 1.0), value(layer.beta, 0.0)
     scale = gamma / np.sqrt(variance + layer.epsilon)
     return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
 
@@ -90,13 +88,11 @@ def run_folded(model: keras.Model, inputs, folds: dict):
     `folds` (`{id(layer): (scale, offset)}`, tensors) computed as
     `x * scale + offset`. `model` must be functional (`foldable_batch_norms`
     found its layers)."""
-    from keras.src.models.functional import operation_fn
+    from keras.src.models.functional import operation_fn, unpack_singleton
 
-    def run(graph, values):
-        outputs = graph._run_through_graph(graph._standardize_inputs(values),
-                                           operation_fn=wrap)
-        return outputs[0] if isinstance(outputs, (list, tuple)) and len(
-            outputs) == 1 else outputs
+    def run(graph, values):  # What `Functional.call` does, with `wrap`.
+        return unpack_singleton(graph._run_through_graph(
+            graph._standardize_inputs(values), operation_fn=wrap))
 
     def first(args, kwargs):  # The input, however the node passed it.
         return args[0] if args else kwargs["inputs"]

@@ -95,11 +95,10 @@ class PackedWeights:
                 trainable=False, name=f"packed_{dtype}")
             for dtype, indices in groups.items()}
         packed = {i for indices in groups.values() for i in indices}
-        self.unpacked = [tf.Variable(entry, trainable=False)
-                         if isinstance(entry, np.ndarray) else tf_variable(entry)
-                         for index, entry in enumerate(entries) if index not in packed]
-        self._unpacked_at = [index for index in range(len(entries))
-                             if index not in packed]
+        self._unpacked_at = [i for i in range(len(entries)) if i not in packed]
+        self.unpacked = [tf.Variable(entries[i], trainable=False)
+                         if isinstance(entries[i], np.ndarray) else tf_variable(entries[i])
+                         for i in self._unpacked_at]
 
     @property
     def variables(self) -> list:
