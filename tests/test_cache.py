@@ -84,10 +84,65 @@ def test_corrupt_entries_are_detected_and_rebuilt(tmp_path, backbone):
         handle.write(b"not a cache entry")
     for digest in digests[:3]:
         assert cache.load(digest) == (None, "corrupt")
+    _flip_a_byte(cache.pack_path(digests))  # The pack of all six: not used.
+    assert cache.load_pack(digests) is None
     rebuilt, stats = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
     assert stats == (3, 3, 3)
     np.testing.assert_array_equal(rebuilt, expected)
     assert all(cache.load(d)[1] == "hit" for d in digests)
+    np.testing.assert_array_equal(cache.load_pack(digests), expected)  # Rewritten.
+
+
+def _flip_a_byte(path):
+    with open(path, "r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_list_of_images_all_cached_is_read_back_as_one_pack(tmp_path, backbone):
+    root = _class_folder(tmp_path / "data", count=3)
+    paths, digests = _files(root)
+    cache = _cache(tmp_path / "cache", backbone)
+    expected, _ = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    for digest in digests:  # Only the pack is left to read them from.
+        os.remove(cache.path(digest))
+    again, stats = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    assert stats == (6, 0, 0)
+    np.testing.assert_array_equal(again, expected)
+    again[0] = 0  # Writable, as the entries' stack is.
+    # Another list (another split, or images added) has a pack of its own.
+    part, stats = cached_outputs(backbone, paths[:4], digests[:4], 32, cache,
+                                 verbose=0)
+    assert stats == (0, 4, 0)
+    np.testing.assert_array_equal(part, expected[:4])
+    assert cache.load_pack(digests[:4]) is not None
+
+
+def test_no_pack_holds_the_outputs_of_a_file_changed_since_the_scan(
+        tmp_path, backbone):
+    root = _class_folder(tmp_path / "data", count=3)
+    paths, digests = _files(root)
+    cache = _cache(tmp_path / "cache", backbone)
+    _write_jpeg(paths[2], seed=999)  # Edited after the scan: computed, not cached.
+    _, stats = cached_outputs(backbone, paths, digests, 32, cache, verbose=0)
+    assert stats == (0, 6, 0)
+    assert not os.path.exists(cache.path(digests[2]))
+    assert not os.path.exists(cache.pack_path(digests))
+
+
+def test_the_least_recently_used_packs_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr("tftransfer.cache.MAX_PACKS", 2)
+    cache = FeatureCache(str(tmp_path), {"network": "test"})
+    lists = [[f"{i:064x}"] for i in range(3)]
+    for age, digests in enumerate(lists[:2]):
+        cache.store_pack(digests, np.full((1, 2), age, "float32"))
+        os.utime(cache.pack_path(digests), (1000 + age, 1000 + age))
+    # Reading the older makes it the more recently used.
+    np.testing.assert_array_equal(cache.load_pack(lists[0]), [[0, 0]])
+    cache.store_pack(lists[2], np.full((1, 2), 2, "float32"))
+    assert [cache.load_pack(d) is not None for d in lists] == [True, False, True]
 
 
 def test_key_changes_with_weights_size_and_preprocessing(backbone):

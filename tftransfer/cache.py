@@ -16,10 +16,20 @@ natively (`read_file`, `substr`, `decode_raw`) when they are too big to hold.
 Safety: each entry is written to a unique temporary file and renamed into place,
 so two runs sharing a cache can only replace an entry with an identical one, and
 a kill leaves no partial entry. A bad entry is reported as a miss and rebuilt.
+
+Packs: once every image of a list (a split) is in the cache, `cached_outputs`
+also writes their outputs as one array, `packs/<hash of the digests>.bin` (the
+same format), which the next run with the same list reads in one go. Reading
+flowers128's 4,311 entries one by one took 0.15-0.2 s a network with the files
+in the page cache (a fusion reads one list per member), and one random read
+each from a cold disk. A pack duplicates its entries: at most `MAX_PACKS`, the
+most recently used, are kept per network. A bad or missing pack is passed
+over for the entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +59,8 @@ _MAGIC = b"TFTC"
 _DTYPES = {"float16": 1, "float32": 2}
 _DTYPE_NAMES = {code: name for name, code in _DTYPES.items()}
 _MAX_DIMS = 4
+PACKS_FOLDER = "packs"
+MAX_PACKS = 16
 
 
 def default_cache_dir() -> str:
@@ -201,6 +213,50 @@ class FeatureCache:
             return None, "corrupt"
         array = _decode(contents)
         return (array, "hit") if array is not None else (None, "corrupt")
+
+    def pack_path(self, digests: list) -> str:
+        """Returns the file of the pack of `digests`' entries (which may not exist)."""
+        name = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+        return os.path.join(self.directory, PACKS_FOLDER, name + ".bin")
+
+    def load_pack(self, digests: list) -> Optional[np.ndarray]:
+        """The entries of `digests` stacked in order, as `store_pack` wrote
+        them; `None` if there is no such pack or it is corrupt."""
+        path = self.pack_path(digests)
+        try:
+            with open(path, "rb") as handle:
+                # A bytearray, so that the array is writable as `np.stack`'s.
+                contents = bytearray(os.fstat(handle.fileno()).st_size)
+                read = handle.readinto(contents)
+        except OSError:
+            return None
+        array = _decode(memoryview(contents)) if read == len(contents) else None
+        if array is None or array.ndim < 1 or len(array) != len(digests):
+            return None
+        with contextlib.suppress(OSError):  # Recently used: kept longest.
+            os.utime(path)
+        return array
+
+    def store_pack(self, digests: list, array: np.ndarray) -> None:
+        """Writes `array` (one row per digest) as the pack of `digests`, and
+        removes the least recently used packs beyond `MAX_PACKS`.
+
+        Raises:
+            OSError: if it cannot be written.
+        """
+        path = self.pack_path(digests)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        write_bytes_atomically(path, _encode(np.asarray(array, self.dtype)))
+        packs = []
+        with contextlib.suppress(OSError), os.scandir(folder) as found:
+            for entry in found:
+                if entry.name.endswith(".bin") and entry.is_file():
+                    with contextlib.suppress(OSError):
+                        packs.append((entry.stat().st_mtime, entry.path))
+        for _, stale in sorted(packs, reverse=True)[MAX_PACKS:]:
+            with contextlib.suppress(OSError):  # Another run's removal.
+                os.remove(stale)
 
     def store(self, digest: str, array: np.ndarray) -> None:
         """Writes `array`, cast to the cache's dtype, as the entry for `digest`."""
@@ -406,6 +462,13 @@ def cached_outputs(
     if len(keeps) != len(caches):
         raise ValueError("`keep` needs one value per cache. "
                          f"Received: {len(caches)} caches, keep={keep!r}")
+    # One cache of outputs kept: its pack of these images, if written before.
+    packed = not several and cache is not None and keeps[0] and bool(paths)
+    if packed:
+        array = cache.load_pack(digests)
+        if array is not None:
+            return (array.astype("float32", copy=False),
+                    CacheStats(len(paths), 0, 0))
     kept = [[None] * len(paths) for _ in caches]
     todo, rebuilt = [], [0] * len(caches)
     for index, digest in enumerate(digests):
@@ -434,6 +497,7 @@ def cached_outputs(
                 # Cached only if the file is still what was scanned.
                 state = (_unchanged(paths[index], digests[index])
                          if any(c is not None for c in caches) else False)
+                packed = packed and state is True
                 for which, store in enumerate(caches):
                     value = values[which][row]
                     if store is not None and isinstance(state, OSError):
@@ -454,6 +518,13 @@ def cached_outputs(
             raise ValueError("Cannot compute features of an empty list of images.")
         else:
             results.append((np.stack(kept[which]).astype("float32", copy=False), stats))
+    # Every output is in the cache under its image's digest (none from a file
+    # changed since the scan): the next run reads them as one pack.
+    if packed and caches[0] is not None and results[0][0].ndim <= _MAX_DIMS:
+        try:
+            caches[0].store_pack(digests, results[0][0])
+        except OSError:  # The entries are there: the next run reads those.
+            pass
     if several:
         return tuple(r[0] for r in results), tuple(r[1] for r in results)
     return results[0]
