@@ -108,14 +108,20 @@ def weights_fingerprint(model) -> str:
 
 
 def _encode(array: np.ndarray) -> bytes:
-    payload = np.ascontiguousarray(array).tobytes()
+    header, payload = _encoded_parts(array)
+    return header + payload
+
+
+def _encoded_parts(array: np.ndarray) -> tuple:
+    """`(header, payload)` of an entry: bytes, and the array's own memory
+    (a memoryview, not a copy: a pack may be as big as a split's features)."""
+    payload = memoryview(np.ascontiguousarray(array)).cast("B")
     checksum = hashlib.blake2b(payload, digest_size=32).digest()
     shape = list(array.shape) + [0] * (_MAX_DIMS - array.ndim)
     header = struct.pack(
         "<4sBB2x4I", _MAGIC, _DTYPES[array.dtype.name], array.ndim, *shape
     )
-    header += checksum
-    return header.ljust(HEADER_SIZE, b"\0") + payload
+    return (header + checksum).ljust(HEADER_SIZE, b"\0"), payload
 
 
 def _decode(contents: bytes) -> Optional[np.ndarray]:
@@ -247,7 +253,13 @@ class FeatureCache:
         path = self.pack_path(digests)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        write_bytes_atomically(path, _encode(np.asarray(array, self.dtype)))
+        header, payload = _encoded_parts(np.asarray(array, self.dtype))
+
+        def write(stream):
+            stream.write(header)
+            stream.write(payload)
+
+        write_atomically(path, write)
         packs = []
         with contextlib.suppress(OSError), os.scandir(folder) as found:
             for entry in found:
@@ -520,11 +532,12 @@ def cached_outputs(
             results.append((np.stack(kept[which]).astype("float32", copy=False), stats))
     # Every output is in the cache under its image's digest (none from a file
     # changed since the scan): the next run reads them as one pack.
+    kept = None  # Each row's array: not held while the pack is written.
     if packed and caches[0] is not None and results[0][0].ndim <= _MAX_DIMS:
         try:
             caches[0].store_pack(digests, results[0][0])
-        except OSError:  # The entries are there: the next run reads those.
-            pass
+        except (OSError, MemoryError):  # The outputs are computed and the
+            pass  # entries written: the next run reads those.
     if several:
         return tuple(r[0] for r in results), tuple(r[1] for r in results)
     return results[0]
